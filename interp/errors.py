@@ -25,5 +25,5 @@ class UserError(Exception):
 
 def suggest(name: str, options: Iterable[str], n: int = 3) -> str:
     """Return ' (did you mean: a, b?)' for close matches of ``name`` among ``options``, or ''."""
-    close = difflib.get_close_matches(name, list(options), n=n, cutoff=0.5)
+    close = difflib.get_close_matches(name, list(options), n=n, cutoff=0.6)
     return f" (did you mean: {', '.join(close)}?)" if close else ""

@@ -24,10 +24,12 @@ _EXPORTS: dict[str, str] = {
     "format_prompt": "interp.models",
     "list_models": "interp.models",
     "model_name": "interp.models",
+    "load_tokenizer": "interp.models",
     # data
     "load_corpus": "interp.corpus",
     "list_corpora": "interp.corpus",
     "pack_windows": "interp.corpus",
+    "Corpus": "interp.corpus",
     # activations
     "harvest": "interp.activations",
     "ActivationStore": "interp.store",

@@ -1,0 +1,62 @@
+"""``interp train-sae``: train TopK SAEs on stored activations (or a live model), many at once."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import typer
+
+from experiments.app import command, console
+from interp.errors import UserError
+
+__all__ = ["train_sae"]
+
+
+@command("train-sae")
+def train_sae(
+    out: Path = typer.Option(..., "--out", help="Run directory: one SAE directory per (hook, setting), metrics.jsonl, checkpoints."),
+    hook: list[str] = typer.Option(..., "--hook", help="Hook to train on; repeat for several hooks."),
+    latents: list[int] = typer.Option([4096], "--latents", help="Number of latents; repeat, paired in order with --k."),
+    k: list[int] = typer.Option([32], "--k", help="Active latents per token; one per --latents."),
+    acts: Path | None = typer.Option(None, "--acts", help="Activation store directory (from `interp harvest`)."),
+    model: str | None = typer.Option(None, "--model", help="Train straight from this model instead of --acts (harvest on the fly, nothing on disk)."),
+    corpus: str = typer.Option("default", "--corpus", help="Corpus for --model runs."),
+    tokens: int = typer.Option(10_000_000, "--tokens", help="Training tokens per SAE; more than the store holds rolls into new epochs."),
+    batch_size: int = typer.Option(4096, "--batch-size", help="Rows per step (global, split over ranks with --dist ddp)."),
+    lr: float | None = typer.Option(None, "--lr", help="Adam learning rate (default 2e-4 / sqrt(n_latents / 2^14))."),
+    dist: str = typer.Option("none", "--dist", help="Under torchrun: ddp (data-parallel) or shard (SAEs spread over ranks)."),
+    checkpoint_every: int = typer.Option(1000, "--checkpoint-every", help="Steps between checkpoints (0: none)."),
+    resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue from the newest checkpoint in --out."),
+    batch_topk: bool = typer.Option(False, "--batch-topk/--topk", help="Train BatchTopK SAEs (global inference threshold)."),
+    auxk: bool = typer.Option(True, "--auxk/--no-auxk", help="AuxK loss on dead latents."),
+    dead_tokens: int = typer.Option(10_000_000, "--dead-tokens", help="A latent that has not fired for this many tokens is dead (AuxK, dead_fraction)."),
+    seed: int = typer.Option(0, "--seed", help="Seed for initialisation and row order."),
+    device: str | None = typer.Option(None, "--device", help="Torch device (default: CUDA if available, else CPU)."),
+    log_every: int = typer.Option(10, "--log-every", help="Steps between metrics.jsonl rows."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+) -> None:
+    """Train TopK SAEs on every --hook for every --latents/--k pair in one pass over the data."""
+    from saes.config import TrainConfig
+    from saes.trainer import train
+
+    if len(latents) != len(k):
+        raise UserError(f"got {len(latents)} --latents but {len(k)} --k; give one --k for each --latents, in the same order")
+    if (acts is None) == (model is None):
+        raise UserError("pass exactly one data source: --acts DIR (stored activations) or --model NAME (live)")
+    cfg = TrainConfig(hooks=hook, settings=list(zip(latents, k)), n_tokens=tokens, batch_size=batch_size, lr=lr,
+                      dist=dist, checkpoint_every=checkpoint_every, batch_topk=batch_topk, auxk=auxk, dead_tokens_threshold=dead_tokens, seed=seed,
+                      device=device, log_every=log_every, corpus=corpus, progress=progress)
+    cfg.validate()
+    if acts is not None:
+        if not acts.is_dir():
+            raise UserError(f"activation store {acts} does not exist; run `interp harvest` first or fix --acts")
+        source: object = str(acts)
+    else:
+        from interp.models import load_model
+
+        source = load_model(model)
+    saes = train(source, cfg, out, resume=resume)
+    if os.environ.get("RANK", "0") == "0":
+        for name in saes:
+            console.print(f"wrote {out / name}")

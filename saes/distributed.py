@@ -1,0 +1,136 @@
+"""The distributed wrapper around the SAE step, for runs launched with ``torchrun --standalone``.
+
+Two modes:
+- ``ddp``: every rank holds every SAE and a different slice of each global batch. Gradients are
+  averaged (all-reduce), and so is the explicit step state: a latent counts as fired if it fired on
+  any rank, and the BatchTopK threshold is the mean over ranks, so all ranks keep identical state.
+- ``shard``: the SAEs are dealt out to ranks; every rank reads the same batches and trains its own
+  share, nothing is reduced. Rank 0 gathers metrics and writes the shared files.
+CPU runs use the gloo backend, CUDA runs NCCL (one device per local rank).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from interp.errors import UserError
+
+__all__ = ["DistContext", "setup", "all_reduce_grads", "sync_step_state", "mean_over_ranks", "gather_objects"]
+
+
+@dataclass
+class DistContext:
+    """Where this process sits in the run."""
+
+    mode: str
+    """'none', 'ddp' or 'shard'."""
+    rank: int
+    """Rank of this process (0 when not distributed)."""
+    world: int
+    """Number of processes."""
+    device: torch.device
+    """Device this rank trains on."""
+    owns_group: bool = False
+    """Whether :func:`setup` created the process group (and :meth:`close` should destroy it)."""
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this rank writes the shared files (metrics, checkpoint manifest, ddp SAEs)."""
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        """Whether collectives are needed (more than one process)."""
+        return self.world > 1
+
+    def barrier(self) -> None:
+        """Wait for every rank (no-op in one process)."""
+        if self.active:
+            dist.barrier()
+
+    def close(self) -> None:
+        """Tear down the process group if this module created it."""
+        if self.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _pick_device(device: str | None, local_rank: int) -> torch.device:
+    """The requested device, else this rank's GPU when CUDA is available, else the CPU."""
+    if device is not None:
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def setup(mode: str, device: str | None = None) -> DistContext:
+    """Join the torchrun process group for ``mode`` (or stay single-process for 'none')."""
+    if mode == "none":
+        return DistContext("none", 0, 1, _pick_device(device, 0))
+    if "WORLD_SIZE" not in os.environ or "RANK" not in os.environ:
+        raise UserError(f"--dist {mode} needs a torchrun launch, e.g. torchrun --standalone --nproc_per_node 2 -m experiments.cli train-sae ...")
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    dev = _pick_device(device, local_rank)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    owns = world > 1 and not dist.is_initialized()
+    if owns:
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+    return DistContext(mode, rank, world, dev, owns)
+
+
+def all_reduce_grads(params: list[torch.nn.Parameter], world: int) -> None:
+    """Average gradients over ranks in one flat all-reduce (gloo has no AVG op: sum, then divide)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if world == 1 or not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= world
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def sync_step_state(old: Any, new: Any, local_rows: int, world: int) -> Any:
+    """Make the step state identical on all ranks, as if one process had seen the whole global batch.
+
+    A latent that fired on any rank restarts its count at 0; one that fired nowhere has seen
+    ``world * local_rows`` more tokens since it last fired. The running threshold is averaged.
+    """
+    if world == 1:
+        return new
+    fired = (new.tokens_since_fired == 0).to(torch.int32)
+    dist.all_reduce(fired, op=dist.ReduceOp.MAX)
+    new.tokens_since_fired = torch.where(fired.bool(), torch.zeros_like(old.tokens_since_fired),
+                                         old.tokens_since_fired + world * local_rows)
+    threshold = new.threshold.clone()
+    dist.all_reduce(threshold, op=dist.ReduceOp.SUM)
+    new.threshold = threshold / world
+    return new
+
+
+def mean_over_ranks(values: Tensor, world: int) -> Tensor:
+    """Mean of a tensor over ranks (for logged metrics)."""
+    if world == 1:
+        return values
+    out = values.detach().clone().float()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out / world
+
+
+def gather_objects(obj: Any, ctx: DistContext) -> list[Any]:
+    """Every rank's ``obj`` on rank 0 (others get an empty list)."""
+    if not ctx.active:
+        return [obj]
+    out = [None] * ctx.world if ctx.is_main else None
+    dist.gather_object(obj, out, dst=0)
+    return out if ctx.is_main else []

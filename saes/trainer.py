@@ -1,0 +1,262 @@
+"""The SAE training loop: data, schedule, logging, checkpoints and the final SAE files.
+
+Every (hook, ``(n_latents, k)``) pair of a :class:`TrainConfig` is one SAE. SAEs of the same shape
+``(d_in, n_latents, k)`` are trained as one stack (:mod:`saes.step`), so a step is a few batched ops
+per shape, not a loop over SAEs; all stacks share one stream of rows. Inputs are scaled per hook so
+that ``E||c x||^2 = d_in`` (``c`` estimated from a sample) and ``c`` is folded into the saved files.
+Each member is initialised from its own seed, so an SAE trained in a stack starts exactly where it
+would start if trained alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from interp.errors import UserError
+from interp.faults import fault
+from interp.files import atomic_write_text
+from saes import checkpoint as ckpt
+from saes.config import TrainConfig, sae_name
+from saes.distributed import DistContext, all_reduce_grads, gather_objects, mean_over_ranks, setup, sync_step_state
+from saes.model import TopKSAE
+from saes.stacking import build_stack, load_stack_tensors, make_step_config, stack_tensors
+from saes.step import constrain_decoder_grad, input_scale, normalize_decoder, sae_step_loss
+from saes.streams import open_stream
+from saes.training_log import MetricsLog, progress_bar
+
+__all__ = ["train"]
+
+StepHook = Callable[[int, dict], None]
+
+
+@dataclass
+class _Stack:
+    """SAEs of one shape trained together."""
+
+    keys: list[tuple[str, int, int]]
+    """``(hook, n_latents, k)`` of each member, in stack order."""
+    params: Any
+    """The stacked parameters (``saes.step.StackParams``)."""
+    state: Any
+    """The explicit step state (``saes.step.StepState``)."""
+    step_cfg: Any
+    """The step configuration (``saes.step.StepConfig``)."""
+    lr: float
+    """Peak learning rate."""
+
+
+def member_seed(seed: int, hook: str, n_latents: int, k: int) -> int:
+    """Initialisation seed of one SAE: depends on the run seed and the SAE, not on what it is stacked with."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{hook}:{n_latents}:{k}".encode()).digest()[:4], "little")
+
+
+def train(source: Any, cfg: TrainConfig, out: str | Path, *, corpus: str | Tensor | None = None,
+          resume: bool = True, on_step: StepHook | None = None) -> dict[str, TopKSAE]:
+    """Train every SAE of ``cfg`` on ``source`` (ActivationStore, store dir or live model); write them under ``out``.
+
+    Returns ``{sae_name: TopKSAE}`` for the SAEs this process trained (all of them unless
+    ``cfg.dist == 'shard'``). ``on_step(steps_done, {"data_batch": ...})`` runs after every step
+    (tests stop a run from it). With ``resume`` a run continues from the newest valid checkpoint in ``out``.
+    """
+    cfg.validate()
+    ctx = setup(cfg.dist, cfg.device)
+    try:
+        return _Run(source, cfg, Path(out), ctx, corpus, on_step).run(resume)
+    finally:
+        ctx.close()
+
+
+class _Run:
+    """One training run: built from the config, then :meth:`run` steps it to the end."""
+
+    def __init__(self, source: Any, cfg: TrainConfig, out: Path, ctx: DistContext, corpus: Any, on_step: StepHook | None):
+        self.cfg, self.out, self.ctx, self.on_step = cfg, out, ctx, on_step
+        self.data_world = ctx.world if ctx.mode == "ddp" else 1
+        if cfg.batch_size % self.data_world:
+            raise UserError(f"batch_size {cfg.batch_size} does not split evenly over {ctx.world} ranks; pick a multiple of {ctx.world}")
+        self.stream = open_stream(source, cfg.hooks, cfg.batch_size, cfg.seed, cfg.buffer_rows, corpus=corpus if corpus is not None else cfg.corpus,
+                                  ctx=cfg.ctx, model_batch_size=cfg.model_batch_size, n_tokens=cfg.n_tokens,
+                                  progress=cfg.progress and ctx.is_main)
+        cfg.check_hooks(self.stream.available_hooks)
+        keys = cfg.sae_keys()
+        if ctx.mode == "shard":
+            if len(keys) < ctx.world:
+                raise UserError(f"--dist shard needs at least one SAE per rank: {len(keys)} SAEs for {ctx.world} ranks; use fewer ranks or --dist ddp")
+            keys = keys[ctx.rank::ctx.world]
+        self.hooks = [h for h in cfg.hooks if any(key[0] == h for key in keys)]
+        self.scales: dict[str, float] = {}
+        samples: dict[str, Tensor] = {}
+        for hook in self.hooks:
+            sample = self.stream.sample(hook, cfg.init_sample_rows)
+            self.scales[hook] = float(input_scale(sample[None])[0])
+            samples[hook] = sample * self.scales[hook]
+        self.stacks = self._build(keys, samples)
+        self.optimizer = torch.optim.Adam([{"params": list(s.params.parameters()), "lr": s.lr} for s in self.stacks],
+                                          betas=cfg.adam_betas, eps=cfg.adam_eps)
+
+    def _build(self, keys: list[tuple[str, int, int]], samples: dict[str, Tensor]) -> list[_Stack]:
+        """Group SAEs by shape into stacks, each member initialised from :func:`member_seed`."""
+        groups: dict[tuple[int, int, int], list[tuple[str, int, int]]] = {}
+        for hook, n, k in keys:
+            groups.setdefault((samples[hook].shape[-1], n, k), []).append((hook, n, k))
+        stacks = []
+        for (d_in, n, k), members in groups.items():
+            params, state = build_stack(d_in, n, [samples[h] for h, _, _ in members],
+                                        [member_seed(self.cfg.seed, *m) for m in members], self.cfg.b_dec_init, self.ctx.device)
+            stacks.append(_Stack(members, params, state, make_step_config(self.cfg, k), self.cfg.lr_for(n)))
+        return stacks
+
+    # -- checkpoints -----------------------------------------------------------------------------
+
+    def _state_rank(self) -> int:
+        """Which rank's checkpoint file holds this rank's state (ddp ranks are identical: rank 0's)."""
+        return self.ctx.rank if self.ctx.mode == "shard" else 0
+
+    def _save_checkpoint(self, step: int, data_batch: int) -> None:
+        """Atomically checkpoint everything a bit-exact resume needs."""
+        owns = self.ctx.mode == "shard" or self.ctx.is_main
+        part = None
+        if owns:
+            tensors, meta = stack_tensors(self.stacks)
+            adam, adam_meta = ckpt.optimizer_to_flat(self.optimizer)
+            tensors.update(adam)
+            tensors["rng.torch"] = torch.get_rng_state()
+            meta.update(adam_meta, scales=self.scales)
+            part = ckpt.write_state(self.out, step, self.ctx.rank, tensors, meta)
+            fault("checkpoint.before_commit")
+        parts = [p for p in gather_objects(part, self.ctx) if p is not None]
+        if self.ctx.is_main:
+            ckpt.commit(self.out, step, self.cfg.fingerprint(), {"data_batch": data_batch, "world": self.ctx.world}, parts)
+            ckpt.prune(self.out, self.cfg.keep_checkpoints)
+        self.ctx.barrier()
+
+    def _resume(self) -> tuple[int, int]:
+        """Load the newest valid checkpoint; return ``(steps done, data batch index)``."""
+        found = ckpt.latest(self.out, self.cfg.fingerprint())
+        if found is None:
+            return 0, 0
+        tensors, meta = found.load_rank(self._state_rank())
+        load_stack_tensors(self.stacks, tensors, meta)
+        ckpt.optimizer_from_flat(self.optimizer, tensors, meta)
+        torch.set_rng_state(tensors["rng.torch"])
+        self.scales = {h: float(meta["scales"][h]) for h in self.hooks}
+        return found.step, int(found.meta["data_batch"])
+
+    # -- the loop ----------------------------------------------------------------------------------
+
+    def _step(self, batch: dict[str, Tensor], step: int) -> list[dict[str, Tensor]]:
+        """One optimizer step on every stack; returns each stack's metrics ``{name: [S]}``."""
+        cfg, device = self.cfg, self.ctx.device
+        x_by_hook = {h: batch[h].to(device, non_blocking=True).float() * self.scales[h] for h in self.hooks}
+        results, total = [], None
+        for stack in self.stacks:
+            hooks = [h for h, _, _ in stack.keys]
+            x = x_by_hook[hooks[0]][None].expand(len(hooks), -1, -1) if len(set(hooks)) == 1 else torch.stack([x_by_hook[h] for h in hooks])
+            # precision is the step's: bf16 encoder GEMM (TF32 elsewhere) on CUDA, fp32 on CPU
+            loss, metrics, new_state = sae_step_loss(stack.params, stack.state, x, stack.step_cfg)
+            total = loss if total is None else total + loss
+            results.append((metrics, new_state))
+        total.backward()
+        if self.ctx.mode == "ddp":
+            all_reduce_grads([p for s in self.stacks for p in s.params.parameters()], self.ctx.world)
+        for stack, group in zip(self.stacks, self.optimizer.param_groups):
+            constrain_decoder_grad(stack.params)
+            group["lr"] = stack.lr * cfg.lr_factor(step)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        out = []
+        for stack, (metrics, new_state) in zip(self.stacks, results):
+            normalize_decoder(stack.params)
+            if self.ctx.mode == "ddp":
+                new_state = sync_step_state(stack.state, new_state, cfg.batch_size // self.data_world, self.ctx.world)
+            stack.state = new_state
+            out.append(metrics)
+        return out
+
+    def _rows(self, metrics: list[dict[str, Tensor]], step: int, lr_factor: float, samples_per_s: float, epoch: int) -> list[dict]:
+        """metrics.jsonl rows, one per SAE, for the step just done."""
+        rows = []
+        for stack, m in zip(self.stacks, metrics):
+            if self.ctx.mode == "ddp":
+                m = {name: mean_over_ranks(v, self.ctx.world) for name, v in m.items()}
+            values = {name: v.detach().float().cpu().tolist() for name, v in m.items()}
+            for i, (hook, n, k) in enumerate(stack.keys):
+                row = {"step": step, "sae": sae_name(hook, n, k), "hook": hook, "n_latents": n, "k": k,
+                       "tokens": step * self.cfg.batch_size, "epoch": epoch}
+                row.update({name: vals[i] for name, vals in values.items()})
+                row.update(lr=stack.lr * lr_factor, samples_per_s=samples_per_s)
+                if not math.isfinite(row.get("fvu", 0.0)):
+                    raise UserError(f"training diverged at step {step} for {row['sae']} (FVU is {row['fvu']}); lower --lr or check the activations for NaN/Inf")
+                rows.append(row)
+        return rows
+
+    def run(self, resume: bool) -> dict[str, TopKSAE]:
+        """Step from the last checkpoint (or 0) to ``cfg.n_steps``, then write one SAE directory per member."""
+        cfg, ctx = self.cfg, self.ctx
+        if not resume and ctx.is_main:
+            shutil.rmtree(self.out / "checkpoints", ignore_errors=True)
+        ctx.barrier()
+        start, data_batch = self._resume() if resume else (0, 0)
+        log = MetricsLog(self.out / "metrics.jsonl", keep_until=start, enabled=ctx.is_main)
+        if ctx.is_main:
+            atomic_write_text(self.out / "config.toml", cfg.to_toml())
+        n_rows = self.stream.n_rows
+        last_ckpt, tick, tick_step = start, time.perf_counter(), start
+        with progress_bar(cfg.n_steps, start, enabled=cfg.progress and ctx.is_main) as bar:
+            batches = self.stream.batches(data_batch, ctx.rank if ctx.mode == "ddp" else 0, self.data_world)
+            step, dirty = start, False
+            try:
+                while step < cfg.n_steps:
+                    next_batch, batch = next(batches)
+                    dirty = True  # params may be half-updated until the step is counted
+                    metrics = self._step(batch, step)
+                    step, data_batch = step + 1, next_batch
+                    dirty = False
+                    if step % cfg.log_every == 0 or step == cfg.n_steps:
+                        now = time.perf_counter()
+                        speed = (step - tick_step) * cfg.batch_size / max(now - tick, 1e-9)
+                        tick, tick_step = now, step
+                        epoch = (data_batch * cfg.batch_size - 1) // n_rows if n_rows else 0
+                        rows = self._rows(metrics, step, cfg.lr_factor(step - 1), speed, epoch)
+                        rows = [r for part in gather_objects(rows, ctx) for r in part] if ctx.mode == "shard" else rows
+                        log.write(rows, bar)
+                    if cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or step == cfg.n_steps):
+                        self._save_checkpoint(step, data_batch)
+                        last_ckpt = step
+                    bar.advance()
+                    fault("train.step")
+                    if self.on_step is not None:
+                        self.on_step(step, {"data_batch": data_batch})
+            except KeyboardInterrupt:
+                if cfg.checkpoint_every and step > last_ckpt and not dirty and not ctx.active:
+                    self._save_checkpoint(step, data_batch)
+                raise
+        return self._save_saes()
+
+    def _save_saes(self) -> dict[str, TopKSAE]:
+        """Write one SAE directory per member (ddp: rank 0 writes; shard: each rank its own)."""
+        saes: dict[str, TopKSAE] = {}
+        for stack in self.stacks:
+            for i, (hook, n, k) in enumerate(stack.keys):
+                threshold = float(stack.state.threshold[i]) if self.cfg.batch_topk else None
+                sae = TopKSAE.from_stack(stack.params, i, k, activation_scale=self.scales[hook], threshold=threshold,
+                                         hook_name=hook, model=self.stream.model_name)
+                sae.extra = {"training_tokens": self.cfg.n_steps * self.cfg.batch_size, "seed": self.cfg.seed,
+                             "config": self.cfg.to_dict()}
+                name = sae_name(hook, n, k)
+                if self.ctx.mode == "shard" or self.ctx.is_main:
+                    sae.save(self.out / name)
+                    fault("train.sae_saved")
+                saes[name] = sae
+        self.ctx.barrier()
+        return saes

@@ -1,0 +1,254 @@
+"""The SAE training loop: resume parity, stacking parity, metrics, epochs, live data, checkpoints, CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from interp.errors import UserError
+from interp.store import ActivationStore
+from saes.config import TrainConfig, default_lr, sae_name
+from saes.trainer import train
+from saes.training_log import read_metrics
+
+D_IN, ROWS = 16, 1024
+HOOKS = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
+
+
+def _sparse_data(n: int, d: int, n_dirs: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows that are sparse non-negative combinations of ``n_dirs`` unit directions, plus the directions."""
+    gen = torch.Generator().manual_seed(seed)
+    dirs = torch.nn.functional.normalize(torch.randn(n_dirs, d, generator=gen), dim=-1)
+    active = torch.rand(n, n_dirs, generator=gen) < 3 / n_dirs
+    coef = active * (1 + torch.rand(n, n_dirs, generator=gen))
+    return coef @ dirs + 0.01 * torch.randn(n, d, generator=gen), dirs
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """A 2-hook store of 1,024 rows (d_in 16), in 4 shards."""
+    acts = {h: _sparse_data(ROWS, D_IN, 24, seed=i)[0] + 3.0 * (i + 1) for i, h in enumerate(HOOKS)}
+    return ActivationStore.from_tensors(tmp_path_factory.mktemp("acts") / "store", acts, model="synthetic", shard_rows=256)
+
+
+def _cfg(**kw) -> TrainConfig:
+    base = dict(hooks=HOOKS[:1], settings=[(32, 4)], n_tokens=12 * 64, batch_size=64, checkpoint_every=4, log_every=2,
+                init_sample_rows=256, buffer_rows=512, b_dec_init="mean", progress=False, device="cpu", dead_tokens_threshold=256)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _weights(saes: dict) -> dict[str, torch.Tensor]:
+    return {f"{name}.{p}": getattr(sae, p).detach().clone() for name, sae in saes.items() for p in ("W_enc", "b_enc", "W_dec", "b_dec")}
+
+
+def _assert_same(a: dict, b: dict, atol: float = 0.0) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        if atol == 0.0:
+            assert torch.equal(a[key], b[key]), key
+        else:
+            torch.testing.assert_close(a[key], b[key], atol=atol, rtol=0, msg=key)
+
+
+class _Stop(Exception):
+    pass
+
+
+def _stop_at(n: int):
+    def hook(step: int, _info: dict) -> None:
+        if step == n:
+            raise _Stop
+
+    return hook
+
+
+def test_config_validation_and_schedule():
+    assert default_lr(2**14) == pytest.approx(2e-4) and default_lr(4 * 2**14) == pytest.approx(1e-4)
+    cfg = _cfg(n_tokens=100 * 64, warmup_frac=0.1, decay_frac=0.2)
+    # hand-computed: warmup over 10 steps, flat, then linear decay over the last 20 steps
+    assert [cfg.lr_factor(s) for s in (0, 4, 9, 50, 80, 90, 99)] == pytest.approx([0.1, 0.5, 1, 1, 1, 0.5, 0.05])
+    assert cfg.fingerprint() == _cfg(n_tokens=100 * 64, warmup_frac=0.1, decay_frac=0.2, checkpoint_every=9).fingerprint()
+    assert cfg.fingerprint() != _cfg(n_tokens=100 * 64, warmup_frac=0.1, decay_frac=0.2, seed=1).fingerprint()
+    for bad in (dict(settings=[(32, 32)]), dict(batch_size=0), dict(hooks=[]), dict(dist="ddpp"), dict(n_tokens=10),
+                dict(settings=[(32, 4), (32, 4)]), dict(lr=-1.0)):
+        with pytest.raises(UserError):
+            _cfg(**bad).validate()
+    with pytest.raises(UserError, match="did you mean"):
+        _cfg(hooks=["blocks.0.hook_resid_pst"]).check_hooks(HOOKS)
+
+
+def test_config_toml_round_trip(tmp_path):
+    cfg = _cfg(hooks=HOOKS, settings=[(32, 4), (64, 8)], lr=1e-3, batch_topk=True, k_aux=5)
+    (tmp_path / "c.toml").write_text(cfg.to_toml())
+    assert TrainConfig.from_toml(tmp_path / "c.toml") == cfg
+    (tmp_path / "bad.toml").write_text("[train]\nlatents = 3\n")
+    with pytest.raises(UserError, match="unknown training option"):
+        TrainConfig.from_toml(tmp_path / "bad.toml")
+
+
+@pytest.fixture(scope="module")
+def full_run(store, tmp_path_factory):
+    """Weights and metrics of an uninterrupted 12-step run."""
+    out = tmp_path_factory.mktemp("full")
+    return _weights(train(store, _cfg(), out)), read_metrics(out / "metrics.jsonl")
+
+
+def _strip(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "samples_per_s"} for r in rows]
+
+
+@pytest.mark.parametrize("error, checkpoints", [(_Stop, ["step-00000004"]), (KeyboardInterrupt, ["step-00000004", "step-00000006"])])
+def test_resume_after_exception_is_bit_exact(store, full_run, tmp_path, error, checkpoints):
+    def stop(step: int, _info: dict) -> None:
+        if step == 6:
+            raise error
+
+    with pytest.raises(error):
+        train(store, _cfg(), tmp_path, on_step=stop)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == checkpoints
+    _assert_same(full_run[0], _weights(train(store, _cfg(), tmp_path)))
+    assert _strip(read_metrics(tmp_path / "metrics.jsonl")) == _strip(full_run[1])
+
+
+def test_resume_after_sigkill_is_bit_exact(store, full_run, tmp_path):
+    script = textwrap.dedent(f"""
+        import os, signal, torch
+        torch.set_num_threads({torch.get_num_threads()})
+        from interp.store import ActivationStore
+        from saes.config import TrainConfig
+        from saes.trainer import train
+        cfg = TrainConfig(**{_cfg().to_dict()!r})
+        def kill(step, info):
+            if step == 7:
+                os.kill(os.getpid(), signal.SIGKILL)
+        train(ActivationStore({str(store.path)!r}), cfg, {str(tmp_path)!r}, on_step=kill)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -9, proc.stderr
+    _assert_same(full_run[0], _weights(train(store, _cfg(), tmp_path)))
+
+
+def test_checkpoints_refuse_other_config_or_data_and_skip_corrupt_ones(store, full_run, tmp_path):
+    with pytest.raises(_Stop):
+        train(store, _cfg(checkpoint_every=2), tmp_path / "run", on_step=_stop_at(5))
+    with pytest.raises(UserError, match="different training config"):
+        train(store, _cfg(checkpoint_every=2, seed=3), tmp_path / "run")
+    wide = ActivationStore.from_tensors(tmp_path / "wide", {HOOKS[0]: torch.randn(512, D_IN + 4)})
+    with pytest.raises(UserError, match="d_in changed"):
+        train(wide, _cfg(checkpoint_every=2), tmp_path / "run")
+    newest = tmp_path / "run" / "checkpoints" / "step-00000004" / "state-rank0.safetensors"
+    newest.write_bytes(newest.read_bytes()[:-8] + b"\0" * 8)
+    _assert_same(full_run[0], _weights(train(store, _cfg(checkpoint_every=2), tmp_path / "run")))
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == list(range(2, 13, 2))
+
+
+def test_stacked_saes_equal_each_trained_alone(store, tmp_path):
+    settings = [(32, 4), (48, 6)]
+    together = train(store, _cfg(hooks=HOOKS, settings=settings, checkpoint_every=0), tmp_path / "all")
+    assert sorted(together) == sorted(sae_name(h, n, k) for h in HOOKS for n, k in settings)
+    for h in HOOKS:
+        for n, k in settings:
+            alone = train(store, _cfg(hooks=[h], settings=[(n, k)], checkpoint_every=0), tmp_path / f"{h}{n}")
+            name = sae_name(h, n, k)
+            _assert_same(_weights({name: together[name]}), _weights(alone), atol=1e-5)
+
+
+def test_metrics_saved_saes_and_epoch_rollover(store, tmp_path):
+    cfg = _cfg(n_tokens=3 * ROWS, batch_size=128, checkpoint_every=0, log_every=4)
+    saes = train(store, cfg, tmp_path)
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    fields = {"step", "sae", "hook", "n_latents", "k", "tokens", "epoch", "fvu", "l0", "dead_fraction", "auxk_loss", "lr", "samples_per_s"}
+    assert all(fields <= set(r) for r in rows)
+    assert [r["step"] for r in rows] == [4, 8, 12, 16, 20, 24]
+    assert [r["epoch"] for r in rows] == [0, 0, 1, 1, 2, 2]  # 8 batches of 128 per 1,024-row epoch
+    assert all(0 < r["l0"] <= 4 for r in rows)
+    assert rows[-1]["fvu"] < rows[0]["fvu"]
+    assert (tmp_path / "config.toml").read_text().startswith("[train]")
+    # the saved SAE works on raw activations: its FVU matches the logged (scaled) FVU's magnitude
+    import saes as saes_pkg
+
+    sae = saes_pkg.load(tmp_path / sae_name(HOOKS[0], 32, 4))
+    x = store.read(HOOKS[0], 0, 512)
+    with torch.no_grad():
+        fvu = ((x - sae(x)) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
+        assert float(fvu) == pytest.approx(rows[-1]["fvu"], abs=0.15)
+    torch.testing.assert_close(sae.W_dec, saes[sae_name(HOOKS[0], 32, 4)].W_dec)
+
+
+def test_recovers_known_sparse_directions(tmp_path):
+    gen = torch.Generator().manual_seed(3)
+    dirs = torch.nn.functional.normalize(torch.randn(16, 32, generator=gen), dim=-1)
+    coef = (torch.rand(8192, 16, generator=gen) < 2 / 16) * (1 + torch.rand(8192, 16, generator=gen))
+    x = coef @ dirs + 0.01 * torch.randn(8192, 32, generator=gen)
+    store = ActivationStore.from_tensors(tmp_path / "gt", {"h": x}, shard_rows=4096)
+    cfg = _cfg(hooks=["h"], settings=[(48, 2)], n_tokens=150 * 128, batch_size=128, lr=1e-2, checkpoint_every=0,
+               log_every=50, init_sample_rows=2048, b_dec_init="geometric_median", dead_tokens_threshold=1024)
+    sae = train(store, cfg, tmp_path / "run")[sae_name("h", 48, 2)]
+    cos = torch.nn.functional.normalize(sae.W_dec.detach(), dim=-1) @ dirs.T
+    assert (cos.max(0).values > 0.9).float().mean() >= 0.9
+
+
+def test_live_model_stream_matches_direct_harvest(tiny_model, tmp_path):
+    from saes.streams import LiveStream
+
+    hook = "blocks.1.hook_resid_post"
+    windows = torch.randint(0, tiny_model.cfg.d_vocab, (6, 9), generator=torch.Generator().manual_seed(0))
+    stream = LiveStream(tiny_model, windows, [hook], batch_size=10, seed=0, model_batch_size=4)
+    with torch.inference_mode():
+        _, cache = tiny_model.run_with_cache(windows, names_filter=[hook])
+    order = stream._order(0)
+    direct = cache[hook][order][:, 1:].reshape(-1, cache[hook].shape[-1])
+    torch.testing.assert_close(stream.rows(13, 37)[hook], direct[13:37], atol=1e-5, rtol=1e-5)
+    batches = stream.batches(0)
+    seen = [next(batches) for _ in range(6)]
+    assert seen[5][0] == 6 and torch.equal(next(stream.batches(5))[1][hook], seen[5][1][hook])
+    assert seen[4][1][hook].shape == (10, tiny_model.cfg.d_model)  # rows 40..50 cross into epoch 1
+    cfg = _cfg(hooks=[hook], n_tokens=5 * 16, batch_size=16, checkpoint_every=0, init_sample_rows=32)
+    saes = train(tiny_model, cfg, tmp_path, corpus=windows)
+    assert saes[sae_name(hook, 32, 4)].d_in == tiny_model.cfg.d_model
+    assert len(read_metrics(tmp_path / "metrics.jsonl")) == 3
+
+
+def test_nan_activations_are_a_user_error(tmp_path):
+    x = torch.randn(256, D_IN)
+    x[3, 2] = math.nan
+    store = ActivationStore.from_tensors(tmp_path / "nan", {"h": x})
+    with pytest.raises(UserError, match="NaN"):
+        train(store, _cfg(hooks=["h"]), tmp_path / "run")
+
+
+def _cli(*args: str):
+    from experiments.cli import app
+
+    return CliRunner().invoke(app, ["train-sae", *args])
+
+
+def test_cli_trains_and_rejects_bad_input(store, tmp_path):
+    common = ["--acts", str(store.path), "--hook", HOOKS[0], "--tokens", "256", "--batch-size", "64", "--no-progress"]
+    ok = _cli(*common, "--latents", "32", "--k", "4", "--latents", "40", "--k", "5", "--out", str(tmp_path / "run"))
+    assert ok.exit_code == 0, ok.output
+    for n, k in ((32, 4), (40, 5)):
+        cfg = json.loads((tmp_path / "run" / sae_name(HOOKS[0], n, k) / "cfg.json").read_text())
+        assert (cfg["d_in"], cfg["d_sae"], cfg["k"], cfg["hook_name"]) == (D_IN, n, k, HOOKS[0])
+    assert {r["sae"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")} == {sae_name(HOOKS[0], 32, 4), sae_name(HOOKS[0], 40, 5)}
+    bad = {
+        "k >= n_latents": [*common, "--latents", "8", "--k", "8"],
+        "counts": [*common, "--latents", "32", "--latents", "64", "--k", "4"],
+        "hook": ["--acts", str(store.path), "--hook", "blocks.9.hook_resid_post", "--tokens", "256", "--batch-size", "64"],
+        "store": ["--acts", str(tmp_path / "nowhere"), "--hook", HOOKS[0], "--tokens", "256", "--batch-size", "64"],
+        "dist": [*common, "--dist", "ddp"],
+    }
+    for why, args in bad.items():
+        result = _cli(*args, "--out", str(tmp_path / "bad"))
+        assert result.exit_code == 2, (why, result.output)
+        assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, (why, result.stderr)
+    assert not (tmp_path / "bad").exists()

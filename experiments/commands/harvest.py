@@ -29,6 +29,7 @@ def harvest_command(
     include_special: bool = typer.Option(False, "--include-special", help="Also store BOS/pad positions."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing store made with a different config."),
     device: str | None = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: CUDA when available)."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow a local/hub model to run its own Python code (off by default; only for models you trust)."),
     shard_rows: int = typer.Option(2**15, "--shard-rows", help="Rows per shard file (a crash loses at most one shard of work)."),
 ) -> None:
     """Run the model over corpus windows and store every --hook's activations, one forward pass per batch."""
@@ -42,7 +43,7 @@ def harvest_command(
         raise UserError(f"--tokens must be a positive number of tokens to store, got {tokens}")
     text = load_corpus(corpus)
     store = harvest(
-        load_model(model, device=device),
+        load_model(model, device=device, trust_remote_code=trust_remote_code),
         text,
         hook,
         n_tokens=tokens,

@@ -33,6 +33,7 @@ def train_sae(
     dead_tokens: int = typer.Option(10_000_000, "--dead-tokens", help="A latent that has not fired for this many tokens is dead (AuxK, dead_fraction)."),
     seed: int = typer.Option(0, "--seed", help="Seed for initialisation and row order."),
     device: str | None = typer.Option(None, "--device", help="Torch device (default: CUDA if available, else CPU)."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow a local/hub model to run its own Python code (off by default; only for models you trust)."),
     log_every: int = typer.Option(10, "--log-every", help="Steps between metrics.jsonl rows."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
@@ -55,7 +56,7 @@ def train_sae(
     else:
         from interp.models import load_model
 
-        source = load_model(model)
+        source = load_model(model, trust_remote_code=trust_remote_code)
     saes = train(source, cfg, out, resume=resume)
     if os.environ.get("RANK", "0") == "0":
         for name in saes:

@@ -41,6 +41,9 @@ _EXPORTS: dict[str, str] = {
     "contrastive_vector": "interp.steering",
     "steered": "interp.steering",
     "generate": "interp.generation",
+    "Generations": "interp.generation",
+    "Positions": "interp.steering_positions",
+    "mean_residual_norm": "interp.steering",
 }
 
 __all__ = sorted(_EXPORTS)

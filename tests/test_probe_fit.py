@@ -1,0 +1,121 @@
+"""Batched probe fitting vs scikit-learn and hand computations."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from probes.fit import fit_logistic, fit_mass_mean, l2_from_sklearn_c, sklearn_c_from_l2
+
+sklearn = pytest.importorskip("sklearn")
+from sklearn.linear_model import LogisticRegression  # noqa: E402
+from sklearn.preprocessing import StandardScaler  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny matmuls: one thread avoids thread-pool contention on a shared 2-core machine.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _problems(p: int = 3, n: int = 300, d: int = 20, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Noisy linearly generated labels on features of very different scales and offsets."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(p, n, d, generator=g) * (torch.rand(d, generator=g) * 3 + 0.1) + torch.randn(d, generator=g)
+    w = torch.randn(p, d, generator=g)
+    y = (torch.einsum("pnd,pd->pn", x, w) + 2 * torch.randn(p, n, generator=g) > 0).float()
+    return x, y
+
+
+@pytest.mark.parametrize("standardize", [False, True])
+def test_logistic_matches_sklearn_with_the_stated_c_mapping(standardize):
+    x, y = _problems()
+    n_train, cs = 200, [0.01, 0.1, 1.0]
+    fit = fit_logistic(x[:, :n_train], y[:, :n_train], [l2_from_sklearn_c(c, n_train) for c in cs], standardize=standardize, tol=1e-6)
+    assert fit.weight.shape == (3, 3, 20) and bool(fit.converged.all())
+    scores = fit.scores(x[:, n_train:])
+    for p in range(3):
+        train = x[p, :n_train].double().numpy()
+        test = x[p, n_train:].double().numpy()
+        if standardize:
+            scaler = StandardScaler().fit(train)
+            train, test = scaler.transform(train), scaler.transform(test)
+        for r, c in enumerate(cs):
+            ref = LogisticRegression(C=c, solver="newton-cholesky", tol=1e-10, max_iter=1000).fit(train, y[p, :n_train].numpy())
+            ours_acc = float(((scores[p, r] > 0).float() == y[p, n_train:]).float().mean())
+            assert abs(ours_acc - ref.score(test, y[p, n_train:].numpy())) <= 0.01
+            np.testing.assert_allclose(scores[p, r].numpy(), ref.decision_function(test), atol=2e-3 * (1 + np.abs(ref.decision_function(test)).max()))
+            if not standardize:
+                np.testing.assert_allclose(fit.weight[p, r].numpy(), ref.coef_[0], atol=2e-3 * (1 + np.abs(ref.coef_).max()))
+                assert abs(float(fit.bias[p, r]) - ref.intercept_[0]) < 5e-3 * (1 + abs(ref.intercept_[0]))
+
+
+def test_l1_matches_sklearn_saga_and_is_sparse():
+    x, y = _problems(p=1, n=300, d=20, seed=1)
+    l1 = 0.02
+    fit = fit_logistic(x, y, [0.0], l1=l1, tol=1e-7, max_iter=5000)
+    xs = StandardScaler().fit_transform(x[0].double().numpy())
+    ref = LogisticRegression(C=sklearn_c_from_l2(l1, 300), l1_ratio=1.0, solver="saga", tol=1e-10, max_iter=100_000).fit(xs, y[0].numpy())
+    assert (fit.weight[0, 0] == 0).sum() > 0
+    assert set(np.flatnonzero(fit.weight[0, 0].numpy())) == set(np.flatnonzero(ref.coef_[0]))
+    x_std = torch.from_numpy(xs).float()
+    ours = x_std @ (fit.weight[0, 0] * torch.from_numpy(StandardScaler().fit(x[0].numpy()).scale_).float())
+    np.testing.assert_allclose((ours - ours.mean()).numpy(), ref.decision_function(xs) - ref.decision_function(xs).mean(), atol=2e-3)
+
+
+def test_padded_problems_with_a_mask_equal_separate_fits():
+    x, y = _problems(p=2, n=120, d=8, seed=2)
+    mask = torch.ones(2, 120)
+    mask[1, 80:] = 0
+    joint = fit_logistic(x, y, [1e-2], mask=mask, tol=1e-6)
+    alone = fit_logistic(x[1:, :80], y[1:, :80], [1e-2], tol=1e-6)
+    torch.testing.assert_close(joint.weight[1], alone.weight[0], atol=1e-4, rtol=1e-3)
+    torch.testing.assert_close(joint.bias[1], alone.bias[0], atol=1e-4, rtol=1e-3)
+
+
+def test_early_stopping_keeps_the_best_validation_iterate():
+    # Few items, many features, almost no penalty: the converged fit overfits.
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(1, 140, 60, generator=g)
+    y = (x[..., 0] + 1.5 * torch.randn(1, 140, generator=g) > 0).float()
+    xt, yt, xv, yv = x[:, :40], y[:, :40], x[:, 40:], y[:, 40:]
+
+    def val_loss(fit):
+        return float(torch.nn.functional.binary_cross_entropy_with_logits(fit.scores(xv)[0, 0], yv[0]))
+
+    full = fit_logistic(xt, yt, [1e-4], max_iter=30)
+    stopped = fit_logistic(xt, yt, [1e-4], x_val=xv, y_val=yv, early_stopping=True, patience=2, max_iter=30)
+    assert val_loss(stopped) < val_loss(full)
+    assert int(stopped.n_iter[0, 0]) < int(full.n_iter[0, 0])
+
+
+def test_mass_mean_is_the_difference_of_class_means_with_a_midpoint_threshold():
+    x = torch.tensor([[[1.0, 0.0], [3.0, 2.0], [0.0, 1.0], [2.0, 5.0]]])
+    y = torch.tensor([1.0, 1.0, 0.0, 0.0])
+    fit = fit_mass_mean(x, y)
+    mu1, mu0 = torch.tensor([2.0, 1.0]), torch.tensor([1.0, 3.0])
+    torch.testing.assert_close(fit.weight[0], mu1 - mu0)
+    torch.testing.assert_close(fit.bias[0], -(mu1 - mu0) @ (mu1 + mu0) / 2)
+    # The midpoint of the class means scores exactly zero.
+    assert abs(float(((mu1 + mu0) / 2) @ fit.weight[0] + fit.bias[0])) < 1e-6
+
+
+def test_label_sets_as_columns_equal_separate_fits():
+    x, y = _problems(p=2, n=150, d=10, seed=4)
+    flipped = 1 - y
+    joint = fit_logistic(x, torch.stack([y, flipped], 1), [1e-2, 1e-1], tol=1e-6)
+    assert joint.weight.shape == (2, 2, 2, 10) and joint.bias.shape == (2, 2, 2)
+    for s, labels in enumerate((y, flipped)):
+        alone = fit_logistic(x, labels, [1e-2, 1e-1], tol=1e-6)
+        torch.testing.assert_close(joint.weight[:, s], alone.weight, atol=1e-4, rtol=1e-3)
+    # Flipping the labels flips the probe.
+    torch.testing.assert_close(joint.weight[:, 1], -joint.weight[:, 0], atol=1e-4, rtol=1e-3)
+
+
+def test_c_mapping_round_trips():
+    assert l2_from_sklearn_c(0.5, 200) == pytest.approx(0.01)
+    assert sklearn_c_from_l2(l2_from_sklearn_c(3.0, 77), 77) == pytest.approx(3.0)

@@ -1,0 +1,160 @@
+"""Sparse kernels for training stacks of TopK SAEs: O(k·d) per token beyond the dense encoder.
+
+A stack holds S SAEs of one shape; tensors carry a leading stack axis ``S``. Per token only k
+latents are active, so the decoder forward (gather k rows), the decoder backward (scatter k rows)
+and the encoder backward (only the k selected pre-activations have a gradient) all cost O(k·d)
+per token. Nothing here materializes a dense ``[batch, n_latents]`` gradient or multiplies two
+dense ``n x d``-sized operands in the backward pass.
+
+The stack is handled as one block-diagonal problem: latent ``i`` of member ``s`` is row
+``s * n + i`` of the flattened ``[S * n, d]`` table, token ``b`` of member ``s`` is row
+``s * B + b``. Kernels (torch ops, same code on CPU and CUDA; optional Triton in
+:mod:`saes.triton_kernels`):
+
+- gather-sum (decoder forward): ``F.embedding_bag`` with ``per_sample_weights``;
+- scatter-rows (weight gradients): a COO sparse ``[S*n, S*B] @ [S*B, d]`` product;
+- gather-dot (gradient of the selected values): sampled dense-dense product (SDDMM) on a CSR
+  pattern with k entries per token.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from torch import Tensor
+
+__all__ = ["sparse_decode", "select_pre_acts", "encode_topk", "dense_pre_acts", "scatter_rows", "gather_dot"]
+
+
+
+def _flat_rows(indices: Int[Tensor, "S B k"], n: int) -> Int[Tensor, "S*B k"]:
+    """Indices into the flattened ``[S * n, d]`` table (member ``s`` offset by ``s * n``)."""
+    S = indices.shape[0]
+    offsets = torch.arange(S, device=indices.device, dtype=indices.dtype).mul_(n).view(S, 1, 1)
+    return (indices + offsets).reshape(-1, indices.shape[-1])
+
+
+def scatter_rows(
+    coef: Float[Tensor, "S B k"], indices: Int[Tensor, "S B k"], dense: Float[Tensor, "S B d"], n: int
+) -> Float[Tensor, "S n d"]:
+    """``out[s, i] = sum over (b, j) with indices[s, b, j] == i of coef[s, b, j] * dense[s, b]``."""
+    S, B, k = coef.shape
+    d = dense.shape[-1]
+    rows = _flat_rows(indices, n).reshape(-1)
+    cols = torch.arange(S * B, device=coef.device).repeat_interleave(k)
+    matrix = torch.sparse_coo_tensor(torch.stack([rows, cols]), coef.reshape(-1).to(dense.dtype), (S * n, S * B), check_invariants=False)
+    return torch.sparse.mm(matrix, dense.reshape(S * B, d)).reshape(S, n, d)
+
+
+def gather_dot(
+    dense: Float[Tensor, "S B d"], table: Float[Tensor, "S n d"], indices: Int[Tensor, "S B k"]
+) -> Float[Tensor, "S B k"]:
+    """``out[s, b, j] = dense[s, b] . table[s, indices[s, b, j]]`` (an SDDMM on a CSR pattern)."""
+    S, B, k = indices.shape
+    n, d = table.shape[-2:]
+    crow = torch.arange(0, S * B * k + 1, k, device=indices.device)
+    zeros = torch.zeros(S * B * k, dtype=dense.dtype, device=dense.device)
+    with warnings.catch_warnings():
+        # torch flags CSR tensors as "beta" on first use; this op is covered by our dense-reference tests.
+        warnings.simplefilter("ignore", UserWarning)
+        pattern = torch.sparse_csr_tensor(crow, _flat_rows(indices, n).reshape(-1), zeros, (S * B, S * n), check_invariants=False)
+    out = torch.sparse.sampled_addmm(pattern, dense.reshape(S * B, d), table.reshape(S * n, d).T, beta=0.0)
+    return out.values().reshape(S, B, k)
+
+
+class SparseDecode(torch.autograd.Function):
+    """``y[s, b] = sum_j values[s, b, j] * W_dec[s, indices[s, b, j]]`` with sparse gradients."""
+
+    @staticmethod
+    def forward(ctx, values: Tensor, indices: Tensor, W_dec: Tensor) -> Tensor:
+        S, B, k = values.shape
+        n, d = W_dec.shape[-2:]
+        out = F.embedding_bag(_flat_rows(indices, n), W_dec.reshape(S * n, d), per_sample_weights=values.reshape(S * B, k).to(W_dec.dtype), mode="sum")
+        ctx.save_for_backward(values, indices, W_dec)
+        return out.reshape(S, B, d)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, None, Tensor | None]:
+        values, indices, W_dec = ctx.saved_tensors
+        grad_out = grad_out.contiguous()
+        grad_values = gather_dot(grad_out, W_dec, indices).to(values.dtype) if ctx.needs_input_grad[0] else None
+        grad_W_dec = scatter_rows(values, indices, grad_out, W_dec.shape[-2]) if ctx.needs_input_grad[2] else None
+        return grad_values, None, grad_W_dec
+
+
+class SelectPreActs(torch.autograd.Function):
+    """The selected pre-activations ``(x - b_dec) @ W_enc + b_enc`` at ``indices``, values precomputed.
+
+    The forward returns ``values`` (already computed by the dense encoder); the backward sends
+    gradient only through those k entries per token: ``dW_enc[:, i] = sum g * (x - b_dec)``,
+    ``db_enc = sum g``, ``db_dec = -W_enc @ db_enc``.
+    """
+
+    @staticmethod
+    def forward(ctx, values: Tensor, indices: Tensor, x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor) -> Tensor:
+        ctx.save_for_backward(indices, x, W_enc, b_dec)
+        return values.clone()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[None, None, None, Tensor | None, Tensor | None, Tensor | None]:
+        indices, x, W_enc, b_dec = ctx.saved_tensors
+        S, d, n = W_enc.shape
+        grad = grad.to(W_enc.dtype)
+        grad_W_enc = grad_b_enc = grad_b_dec = None
+        if ctx.needs_input_grad[3]:
+            x_centered = x.to(W_enc.dtype) - b_dec.unsqueeze(1)
+            grad_W_enc = scatter_rows(grad, indices, x_centered, n).transpose(1, 2)
+        if ctx.needs_input_grad[4] or ctx.needs_input_grad[5]:
+            grad_b_enc = torch.zeros(S * n, dtype=grad.dtype, device=grad.device)
+            grad_b_enc.index_add_(0, _flat_rows(indices, n).reshape(-1), grad.reshape(-1))
+            grad_b_enc = grad_b_enc.view(S, n)
+            if ctx.needs_input_grad[5]:
+                grad_b_dec = -torch.bmm(W_enc, grad_b_enc.unsqueeze(-1)).squeeze(-1)
+        return None, None, None, grad_W_enc, grad_b_enc, grad_b_dec
+
+
+def sparse_decode(
+    values: Float[Tensor, "S B k"], indices: Int[Tensor, "S B k"], W_dec: Float[Tensor, "S n d"]
+) -> Float[Tensor, "S B d"]:
+    """Weighted sum of the k selected decoder rows per token (no ``b_dec``), sparse in both passes."""
+    return SparseDecode.apply(values, indices, W_dec)
+
+
+def select_pre_acts(
+    values: Float[Tensor, "S B k"], indices: Int[Tensor, "S B k"], x: Float[Tensor, "S B d"],
+    W_enc: Float[Tensor, "S d n"], b_enc: Float[Tensor, "S n"], b_dec: Float[Tensor, "S d"],
+) -> Float[Tensor, "S B k"]:
+    """Attach the sparse encoder backward to pre-activation ``values`` gathered at ``indices``."""
+    return SelectPreActs.apply(values, indices, x, W_enc, b_enc, b_dec)
+
+
+def dense_pre_acts(
+    x: Float[Tensor, "S B d"], W_enc: Float[Tensor, "S d n"], b_enc: Float[Tensor, "S n"], b_dec: Float[Tensor, "S d"]
+) -> Float[Tensor, "S B n"]:
+    """``(x - b_dec) @ W_enc + b_enc`` without autograd, as one batched GEMM with a fused bias.
+
+    On CUDA the GEMM runs in bf16 (the output stays bf16 to halve its memory traffic); on CPU fp32.
+    """
+    with torch.no_grad():
+        bias = (b_enc - torch.bmm(b_dec.unsqueeze(1), W_enc).squeeze(1)).unsqueeze(1)
+        if x.is_cuda:
+            dt = torch.bfloat16
+            return torch.baddbmm(bias.to(dt), x.to(dt), W_enc.to(dt))
+        return torch.baddbmm(bias, x.to(W_enc.dtype), W_enc)
+
+
+def encode_topk(
+    x: Float[Tensor, "S B d"], W_enc: Float[Tensor, "S d n"], b_enc: Float[Tensor, "S n"], b_dec: Float[Tensor, "S d"], k: int
+) -> tuple[Float[Tensor, "S B k"], Int[Tensor, "S B k"], Float[Tensor, "S B n"]]:
+    """TopK encoder: ``(ReLU of the k largest pre-activations, their indices, all pre-activations)``.
+
+    Only the returned values carry gradient (sparse backward); the dense pre-activations are
+    returned without gradient for AuxK's selection.
+    """
+    pre = dense_pre_acts(x, W_enc, b_enc, b_dec)
+    top, indices = pre.topk(k, dim=-1, sorted=False)
+    values = select_pre_acts(top.to(W_enc.dtype), indices, x, W_enc, b_enc, b_dec)
+    return values.relu(), indices, pre

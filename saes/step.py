@@ -1,0 +1,262 @@
+"""One training step for a stack of same-shape TopK SAEs, as a function of (params, state, batch).
+
+Objective per stack member (Gao et al. 2024, "Scaling and evaluating sparse autoencoders"):
+
+    loss = FVU + aux_coef * AuxK
+    FVU  = sum_b ||x_b - x_hat_b||^2 / sum_b ||x_b - mean_b x||^2       (fraction of variance unexplained)
+    AuxK = min(n_dead / k_aux, 1) * sum_b ||e_b - e_hat_b||^2 / sum_b ||x_b - mean_b x||^2
+
+where ``e = x - x_hat`` (no gradient) and ``e_hat`` decodes the top ``k_aux`` pre-activations among
+*dead* latents (not fired for ``dead_tokens_threshold`` tokens), without ``b_dec``; the
+``min(n_dead / k_aux, 1)`` scale is sparsify's. Inputs are pre-scaled so that ``E||x||^2 = d_in``
+(:func:`input_scale`). Dead counters and the BatchTopK threshold are explicit state
+(:class:`StepState`); the step returns a new state and never mutates the old one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Float
+from torch import Tensor, nn
+
+from interp.errors import UserError
+from saes.kernels import dense_pre_acts, encode_topk, select_pre_acts, sparse_decode
+
+__all__ = [
+    "StackParams", "StepState", "StepConfig", "init_stack", "init_state", "sae_step_loss",
+    "constrain_decoder_grad", "normalize_decoder", "geometric_median", "input_scale",
+]
+
+
+class StackParams(nn.Module):
+    """Weights of S same-shape SAEs, stacked on a leading axis (training units: inputs pre-scaled)."""
+
+    def __init__(self, S: int, d_in: int, n_latents: int, device: str | torch.device | None = None, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        kw = {"device": device, "dtype": dtype}
+        self.W_enc = nn.Parameter(torch.zeros(S, d_in, n_latents, **kw))
+        self.b_enc = nn.Parameter(torch.zeros(S, n_latents, **kw))
+        self.W_dec = nn.Parameter(torch.zeros(S, n_latents, d_in, **kw))
+        self.b_dec = nn.Parameter(torch.zeros(S, d_in, **kw))
+
+    @property
+    def S(self) -> int:
+        """Number of SAEs in the stack."""
+        return self.W_enc.shape[0]
+
+    @property
+    def d_in(self) -> int:
+        """Input width."""
+        return self.W_enc.shape[1]
+
+    @property
+    def n_latents(self) -> int:
+        """Latents per SAE."""
+        return self.W_enc.shape[2]
+
+
+@dataclass
+class StepState:
+    """Explicit training state carried from step to step."""
+
+    tokens_since_fired: Tensor
+    """``[S, n]`` int64: tokens seen since each latent last had a nonzero activation."""
+    threshold: Tensor
+    """``[S]`` BatchTopK running threshold (mean smallest kept activation); NaN until the first step."""
+    n_steps: int = 0
+    """Steps taken so far."""
+
+
+@dataclass
+class StepConfig:
+    """Loss and sparsity settings of one stack."""
+
+    k: int
+    """Active latents per token (BatchTopK: on average)."""
+    batch_topk: bool = False
+    """Select the top ``k * batch`` pre-activations over the whole batch instead of k per token."""
+    auxk: bool = True
+    """Add the AuxK loss on dead latents."""
+    k_aux: int | None = None
+    """Latents used by AuxK; None means ``d_in // 2``."""
+    aux_coef: float = 1 / 32
+    """Weight of the AuxK term."""
+    dead_tokens_threshold: int = 10_000_000
+    """A latent is dead after this many tokens without firing."""
+    threshold_momentum: float = 0.01
+    """BatchTopK: weight of the newest batch in the running threshold."""
+    max_k_per_token: int | None = None
+    """BatchTopK: most latents one token may use (candidates per token); None means ``4 * k``."""
+
+
+def init_state(S: int, n_latents: int, device: str | torch.device | None = None) -> StepState:
+    """Fresh state: no latent dead yet, threshold unset."""
+    return StepState(torch.zeros(S, n_latents, dtype=torch.int64, device=device), torch.full((S,), math.nan, device=device), 0)
+
+
+def geometric_median(points: Float[Tensor, "S N d"], iters: int = 100, eps: float = 1e-8, tol: float = 1e-6) -> Float[Tensor, "S d"]:
+    """Per-member geometric median by Weiszfeld's algorithm (weights ``1 / ||p - m||``)."""
+    points = points.double()
+    median = points.mean(1)
+    for _ in range(iters):
+        weights = 1.0 / (points - median[:, None]).norm(dim=-1).clamp_min(eps)
+        new = torch.einsum("sn,snd->sd", weights, points) / weights.sum(1, keepdim=True)
+        moved = (new - median).norm(dim=-1).max()
+        median = new
+        if moved < tol:
+            break
+    return median.float()
+
+
+def input_scale(sample: Float[Tensor, "S N d"]) -> Float[Tensor, "S"]:
+    """The factor ``c`` with ``E||c x||^2 = d_in`` on ``sample``."""
+    if not torch.isfinite(sample).all():
+        raise UserError("the activation sample contains NaN or Inf; re-harvest the activations")
+    mean_sq = sample.double().pow(2).sum(-1).mean(1)
+    if (mean_sq <= 0).any():
+        raise UserError("the activation sample is all zeros; check the hook name and the activations")
+    return (sample.shape[-1] / mean_sq).sqrt().float()
+
+
+def init_stack(
+    S: int, d_in: int, n_latents: int, sample: Float[Tensor, "S N d"] | None = None,
+    b_dec_init: str = "geometric_median", seed: int = 0, device: str | torch.device | None = None,
+) -> StackParams:
+    """Random unit-norm decoder rows, ``W_enc = W_dec^T``, ``b_enc = 0``, ``b_dec`` from ``sample``.
+
+    ``sample`` holds already-scaled activations per member; without it ``b_dec = 0``.
+    """
+    if b_dec_init not in ("geometric_median", "mean"):
+        raise UserError(f"b_dec_init must be 'geometric_median' or 'mean', got {b_dec_init!r}")
+    if sample is not None and tuple(sample.shape[::2]) != (S, d_in):
+        raise UserError(f"init sample has shape {tuple(sample.shape)}, expected [{S}, N, {d_in}]; pass one sample per stack member")
+    params = StackParams(S, d_in, n_latents, device=device)
+    gen = torch.Generator().manual_seed(seed)
+    W_dec = torch.randn(S, n_latents, d_in, generator=gen)
+    W_dec /= W_dec.norm(dim=-1, keepdim=True)
+    with torch.no_grad():
+        params.W_dec.copy_(W_dec)
+        params.W_enc.copy_(W_dec.transpose(1, 2))
+        if sample is not None:
+            params.b_dec.copy_(geometric_median(sample) if b_dec_init == "geometric_median" else sample.float().mean(1))
+    return params
+
+
+def _check(params: StackParams, x: Tensor, cfg: StepConfig) -> None:
+    S, d, n = params.S, params.d_in, params.n_latents
+    if not 0 < cfg.k < n:
+        raise UserError(f"k must satisfy 0 < k < n_latents (got k={cfg.k}, n_latents={n}); lower --k or raise --latents")
+    if x.ndim != 3 or x.shape[0] != S or x.shape[2] != d:
+        raise UserError(f"batch has shape {tuple(x.shape)}, expected [{S}, batch, {d}]; the activations' width does not match the SAE's d_in")
+    if not torch.isfinite(x).all():
+        raise UserError("the activation batch contains NaN or Inf; re-harvest the activations (or check the hook)")
+
+
+def _batch_topk(params: StackParams, x: Tensor, cfg: StepConfig) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Top ``k * B`` pre-activations over the batch, from the best ``max_k_per_token`` per token.
+
+    Returns ``(values [S,B,c], indices [S,B,c], pre [S,B,n], smallest kept activation [S])``;
+    unkept candidates have value 0.
+    """
+    n, (S, B, _) = params.n_latents, x.shape
+    pre = dense_pre_acts(x, params.W_enc, params.b_enc, params.b_dec)
+    per_token = min(n, cfg.max_k_per_token or 4 * cfg.k)
+    top, indices = pre.topk(per_token, dim=-1, sorted=False)
+    top = top.to(params.W_enc.dtype)
+    flat = top.reshape(S, -1)
+    keep_n = min(cfg.k * B, flat.shape[1])
+    # The (k*B)-th largest candidate: kthvalue counts from the smallest.
+    kth = flat.kthvalue(flat.shape[1] - keep_n + 1, dim=1).values
+    keep = (top >= kth.view(S, 1, 1)) & (top > 0)
+    smallest = torch.where(keep, top, torch.full_like(top, math.inf)).amin(dim=(1, 2))
+    values = select_pre_acts(top, indices, x, params.W_enc, params.b_enc, params.b_dec) * keep
+    return values, indices, pre, smallest
+
+
+def _auxk(params: StackParams, x: Tensor, pre: Tensor, residual: Tensor, dead: Tensor, cfg: StepConfig) -> Tensor:
+    """AuxK reconstruction error of ``residual`` from the top dead latents, per member, unnormalized."""
+    S, B, d = x.shape
+    k_aux = min(cfg.k_aux or d // 2, params.n_latents)
+    n_dead = dead.sum(1)
+    m = int(n_dead.max())
+    k_eff = min(k_aux, m)
+    if m <= params.n_latents // 2:
+        # Few dead latents: select among their columns only (S x B x m, not S x B x n).
+        dead_idx = dead.to(torch.int8).topk(m, dim=1).indices
+        cand = pre.gather(2, dead_idx.unsqueeze(1).expand(S, B, m)).masked_fill(~dead.gather(1, dead_idx).unsqueeze(1), -math.inf)
+        top, pos = cand.topk(k_eff, dim=-1, sorted=False)
+        indices = dead_idx.gather(1, pos.reshape(S, -1)).reshape(S, B, k_eff)
+    else:
+        top, indices = pre.masked_fill(~dead.unsqueeze(1), -math.inf).topk(k_eff, dim=-1, sorted=False)
+    valid = torch.isfinite(top)
+    top = torch.where(valid, top, torch.zeros_like(top)).to(params.W_enc.dtype)
+    values = select_pre_acts(top, indices, x, params.W_enc, params.b_enc, params.b_dec).relu()
+    e_hat = sparse_decode(values, indices, params.W_dec)
+    scale = (n_dead.to(x.dtype) / k_aux).clamp(max=1.0)
+    return scale * (e_hat - residual).pow(2).sum((1, 2))
+
+
+def sae_step_loss(
+    params: StackParams, state: StepState, x: Float[Tensor, "S B d"], cfg: StepConfig
+) -> tuple[Tensor, dict[str, Tensor], StepState]:
+    """Loss (summed over the stack), per-member metrics and the next state for one batch.
+
+    ``x`` is already scaled (``E||x||^2 = d_in``). Metrics, each ``[S]``: ``fvu``, ``l0`` (mean
+    active latents per token), ``dead_fraction`` (after this batch) and ``auxk_loss``. On CUDA
+    the encoder GEMM runs in bf16 with TF32 enabled; on CPU everything is fp32.
+    """
+    _check(params, x, cfg)
+    if x.is_cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    x = x.to(params.W_enc.dtype)
+    S, B, _ = x.shape
+    n = params.n_latents
+    threshold = state.threshold
+    if cfg.batch_topk:
+        values, indices, pre, smallest = _batch_topk(params, x, cfg)
+        smallest = torch.where(torch.isfinite(smallest), smallest, threshold)
+        first = torch.isnan(threshold)
+        threshold = torch.where(first, smallest, threshold + cfg.threshold_momentum * (smallest - threshold))
+    else:
+        values, indices, pre = encode_topk(x, params.W_enc, params.b_enc, params.b_dec, cfg.k)
+    x_hat = sparse_decode(values, indices, params.W_dec) + params.b_dec.unsqueeze(1)
+    total_variance = (x - x.mean(1, keepdim=True)).pow(2).sum((1, 2)).clamp_min(1e-12)
+    fvu = (x_hat - x).pow(2).sum((1, 2)) / total_variance
+
+    dead = state.tokens_since_fired >= cfg.dead_tokens_threshold
+    if cfg.auxk and bool(dead.any()):
+        auxk = _auxk(params, x, pre, (x - x_hat).detach(), dead, cfg) / total_variance
+    else:
+        auxk = torch.zeros_like(fvu)
+    loss = (fvu + cfg.aux_coef * auxk).sum()
+
+    active = values.detach() > 0
+    fired = torch.zeros(S * n, dtype=torch.bool, device=x.device)
+    fired[(indices + torch.arange(S, device=x.device).view(S, 1, 1) * n)[active]] = True
+    fired = fired.view(S, n)
+    since = torch.where(fired, torch.zeros_like(state.tokens_since_fired), state.tokens_since_fired + B)
+    metrics = {
+        "fvu": fvu.detach(),
+        "l0": active.sum(-1).to(x.dtype).mean(1),
+        "dead_fraction": (since >= cfg.dead_tokens_threshold).to(x.dtype).mean(1),
+        "auxk_loss": auxk.detach(),
+    }
+    return loss, metrics, dataclasses.replace(state, tokens_since_fired=since, threshold=threshold.detach(), n_steps=state.n_steps + 1)
+
+
+@torch.no_grad()
+def constrain_decoder_grad(params: StackParams) -> None:
+    """Remove from ``W_dec.grad`` each row's component parallel to that (unit) decoder row."""
+    grad, w = params.W_dec.grad, params.W_dec
+    if grad is not None:
+        grad.sub_((grad * w).sum(-1, keepdim=True) * w)
+
+
+@torch.no_grad()
+def normalize_decoder(params: StackParams) -> None:
+    """Rescale every decoder row to unit norm (call after ``optimizer.step()``)."""
+    params.W_dec.div_(params.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12))

@@ -1,0 +1,231 @@
+"""The stacked SAE step: dense-reference parity (TopK, AuxK, BatchTopK), decoder constraints, init, quality."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from interp.errors import UserError
+from saes.model import TopKSAE
+from saes.step import (
+    StackParams, StepConfig, constrain_decoder_grad, geometric_median, init_stack, init_state,
+    input_scale, normalize_decoder, sae_step_loss,
+)
+
+
+def _stack(S, d, n, seed=0, dtype=torch.float64) -> StackParams:
+    params = StackParams(S, d, n, dtype=dtype)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in params.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=dtype))
+    normalize_decoder(params)
+    return params
+
+
+def _dense_loss(p, x, cfg, dead):
+    """The objective written out densely with plain autograd (no sparse kernels)."""
+    W_enc, b_enc, W_dec, b_dec = p
+    S, B, d = x.shape
+    pre = torch.einsum("sbd,sdn->sbn", x - b_dec[:, None], W_enc) + b_enc[:, None]
+    if cfg.batch_topk:
+        flat = pre.reshape(S, -1)
+        kth = flat.topk(cfg.k * B, dim=1).values[:, -1]
+        keep = (pre >= kth[:, None, None]) & (pre > 0)
+        f = torch.where(keep, pre, torch.zeros_like(pre))
+    else:
+        _, idx = pre.topk(cfg.k, dim=-1)
+        f = torch.zeros_like(pre).scatter(-1, idx, pre.gather(-1, idx).relu())
+    x_hat = f @ W_dec + b_dec[:, None]
+    tv = (x - x.mean(1, keepdim=True)).pow(2).sum((1, 2))
+    fvu = (x_hat - x).pow(2).sum((1, 2)) / tv
+    auxk = torch.zeros_like(fvu)
+    if cfg.auxk and dead.any():
+        k_aux = cfg.k_aux or d // 2
+        n_dead = dead.sum(1)
+        k_eff = min(k_aux, int(n_dead.max()))
+        masked = pre.masked_fill(~dead[:, None], -math.inf)
+        top, idx = masked.topk(k_eff, dim=-1)
+        vals = torch.where(torch.isfinite(top), top, torch.zeros_like(top)).relu()
+        f_aux = torch.zeros_like(pre).scatter(-1, idx, vals)
+        e = (x - x_hat).detach()
+        scale = (n_dead.to(x.dtype) / k_aux).clamp(max=1)
+        auxk = scale * (f_aux @ W_dec - e).pow(2).sum((1, 2)) / tv
+    return (fvu + cfg.aux_coef * auxk).sum(), fvu, auxk, f
+
+
+@pytest.mark.parametrize("n_dead", [0, 5, 30])  # none, few (gathered columns), most (masked full rows)
+def test_step_matches_dense_reference_with_auxk(n_dead):
+    S, B, d, n = 2, 24, 8, 40
+    params = _stack(S, d, n, seed=n_dead)
+    x = torch.randn(S, B, d, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    cfg = StepConfig(k=4, k_aux=6, dead_tokens_threshold=100)
+    state = init_state(S, n)
+    state.tokens_since_fired[0, :n_dead] = 1000
+    state.tokens_since_fired[1, n - n_dead // 2:] = 1000  # members differ in how many latents are dead
+    loss, metrics, new_state = sae_step_loss(params, state, x, cfg)
+    grads = torch.autograd.grad(loss, list(params.parameters()))
+
+    ref = [p.detach().clone().requires_grad_() for p in params.parameters()]
+    ref_loss, fvu, auxk, f = _dense_loss(ref, x, cfg, state.tokens_since_fired >= 100)
+    ref_grads = torch.autograd.grad(ref_loss, ref)
+    assert torch.allclose(loss, ref_loss, atol=1e-10)
+    assert torch.allclose(metrics["fvu"], fvu) and torch.allclose(metrics["auxk_loss"], auxk)
+    assert (metrics["auxk_loss"] > 0).all() == (n_dead > 0)
+    for name, got, want in zip(["W_enc", "b_enc", "W_dec", "b_dec"], grads, ref_grads):
+        assert torch.allclose(got, want, atol=1e-9, rtol=1e-7), name
+    assert torch.allclose(metrics["l0"], (f > 0).sum(-1).double().mean(1))
+    # counters: fired latents reset to 0, the rest advance by the batch size
+    fired = (f > 0).any(1)
+    assert torch.equal(new_state.tokens_since_fired, torch.where(fired, 0, state.tokens_since_fired + B))
+    assert new_state.n_steps == 1 and state.n_steps == 0  # the old state is untouched
+
+
+def test_batch_topk_matches_dense_reference_and_tracks_threshold():
+    S, B, d, n, k = 2, 16, 8, 30, 3
+    params = _stack(S, d, n, seed=5)
+    cfg = StepConfig(k=k, batch_topk=True, auxk=False, max_k_per_token=n, threshold_momentum=0.25)
+    state = init_state(S, n)
+    x1 = torch.randn(S, B, d, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    loss, metrics, state1 = sae_step_loss(params, state, x1, cfg)
+    grads = torch.autograd.grad(loss, list(params.parameters()))
+    ref = [p.detach().clone().requires_grad_() for p in params.parameters()]
+    ref_loss, _, _, f = _dense_loss(ref, x1, cfg, torch.zeros(S, n, dtype=torch.bool))
+    for got, want in zip(grads, torch.autograd.grad(ref_loss, ref)):
+        assert torch.allclose(got, want, atol=1e-9)
+    assert torch.allclose(loss, ref_loss)
+    # k*B activations kept over the batch (per token it varies), threshold = smallest kept value
+    assert torch.equal((f > 0).sum((1, 2)), torch.full((S,), k * B))
+    assert torch.allclose(metrics["l0"], torch.full((S,), float(k), dtype=torch.float64))
+    smallest1 = torch.where(f > 0, f, torch.inf).amin((1, 2))
+    assert torch.allclose(state1.threshold, smallest1)
+    x2 = torch.randn(S, B, d, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    _, _, state2 = sae_step_loss(params, state1, x2, cfg)
+    _, _, _, f2 = _dense_loss(ref, x2, cfg, torch.zeros(S, n, dtype=torch.bool))
+    smallest2 = torch.where(f2 > 0, f2, torch.inf).amin((1, 2))
+    assert torch.allclose(state2.threshold, smallest1 + 0.25 * (smallest2 - smallest1))
+
+
+def test_decoder_constraint_and_normalization():
+    params = _stack(2, 6, 10)
+    params.W_dec.grad = torch.randn_like(params.W_dec)
+    constrain_decoder_grad(params)
+    assert (params.W_dec.grad * params.W_dec).sum(-1).abs().max() < 1e-12
+    with torch.no_grad():
+        params.W_dec.mul_(3.0)
+    normalize_decoder(params)
+    assert torch.allclose(params.W_dec.norm(dim=-1), torch.ones(2, 10, dtype=torch.float64))
+
+
+def test_geometric_median_and_init():
+    # 1-D: the geometric median is the ordinary median; an outlier moves the mean, not the median.
+    pts = torch.tensor([[[0.0], [1.0], [2.0], [3.0], [100.0]]])
+    assert abs(float(geometric_median(pts)[0, 0]) - 2.0) < 1e-3
+    # d-D: no small step from the result lowers the sum of distances
+    cloud = torch.randn(1, 200, 5, generator=torch.Generator().manual_seed(0)) + 3.0
+    m = geometric_median(cloud)[0]
+    cost = lambda c: (cloud[0] - c).norm(dim=-1).sum()  # noqa: E731
+    for direction in torch.eye(5):
+        assert cost(m) <= cost(m + 1e-2 * direction) and cost(m) <= cost(m - 1e-2 * direction)
+    params = init_stack(2, 5, 12, sample=torch.cat([cloud, cloud * 2]), seed=1)
+    assert torch.allclose(params.W_enc, params.W_dec.transpose(1, 2))
+    assert torch.allclose(params.W_dec.norm(dim=-1), torch.ones(2, 12))
+    assert torch.allclose(params.b_dec[0], m, atol=1e-4) and (params.b_enc == 0).all()
+    mean_init = init_stack(2, 5, 12, sample=torch.cat([cloud, cloud * 2]), b_dec_init="mean")
+    assert torch.allclose(mean_init.b_dec[1], 2 * cloud[0].mean(0), atol=1e-5)
+
+
+def test_input_scale_gives_unit_mean_square_per_dimension():
+    sample = 7.0 * torch.randn(2, 500, 16)
+    c = input_scale(sample)
+    assert torch.allclose((c[:, None, None] * sample).pow(2).sum(-1).mean(1), torch.full((2,), 16.0), rtol=1e-5)
+
+
+def test_bad_inputs_are_user_errors():
+    params = _stack(1, 4, 8, dtype=torch.float32)
+    state = init_state(1, 8)
+    with pytest.raises(UserError, match="k must satisfy"):
+        sae_step_loss(params, state, torch.randn(1, 5, 4), StepConfig(k=8))
+    bad = torch.randn(1, 5, 4)
+    bad[0, 2, 1] = math.nan
+    with pytest.raises(UserError, match="NaN or Inf"):
+        sae_step_loss(params, state, bad, StepConfig(k=2))
+    with pytest.raises(UserError, match="d_in"):
+        sae_step_loss(params, state, torch.randn(1, 5, 3), StepConfig(k=2))
+    with pytest.raises(UserError, match="b_dec_init"):
+        init_stack(1, 4, 8, b_dec_init="median")
+
+
+def test_saved_member_reproduces_training_reconstruction(tmp_path):
+    import saes
+
+    S, d, n, k = 2, 8, 32, 4
+    raw = 5.0 * torch.randn(S, 64, d) + 1.0
+    c = input_scale(raw)
+    params = init_stack(S, d, n, sample=c[:, None, None] * raw, seed=3)
+    x = c[:, None, None] * raw
+    loss, _, _ = sae_step_loss(params, init_state(S, n), x, StepConfig(k=k, auxk=False))
+    from saes.kernels import encode_topk, sparse_decode
+
+    values, indices, _ = encode_topk(x, params.W_enc, params.b_enc, params.b_dec, k)
+    x_hat = (sparse_decode(values, indices, params.W_dec) + params.b_dec[:, None]).detach()
+    TopKSAE.from_stack(params, 1, k, activation_scale=float(c[1]), hook_name="h", model="m").save(tmp_path / "s")
+    sae = saes.load(tmp_path / "s")
+    assert torch.allclose(sae(raw[1]), x_hat[1] / c[1], atol=1e-4)
+
+
+def _sparse_data(gen, directions, batch, p):
+    """Tokens that are sums of a few ground-truth directions with magnitudes in [0.5, 1.5)."""
+    on = torch.rand(batch, directions.shape[0], generator=gen) < p
+    return (on * (0.5 + torch.rand(batch, directions.shape[0], generator=gen))) @ directions
+
+
+def _train(d, n_true, n, k, steps, auxk=True, batch_topk=False, shrink_half=None, seed=0):
+    """Train one SAE with the step + torch Adam on synthetic data; return (params, last metrics, directions)."""
+    gen = torch.Generator().manual_seed(seed)
+    directions = torch.randn(n_true, d, generator=gen)
+    directions /= directions.norm(dim=1, keepdim=True)
+    p = k / n_true
+    sample = _sparse_data(gen, directions, 4096, p)[None]
+    c = input_scale(sample)
+    params = init_stack(1, d, n, sample=c[:, None, None] * sample, seed=seed)
+    if shrink_half is not None:
+        with torch.no_grad():
+            params.W_enc[:, :, : n // 2] *= shrink_half
+    state = init_state(1, n)
+    cfg = StepConfig(k=k, auxk=auxk, batch_topk=batch_topk, dead_tokens_threshold=2560)
+    opt = torch.optim.Adam(params.parameters(), lr=3e-3)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # these matrices are tiny: a second thread only adds synchronisation
+    try:
+        for _ in range(steps):
+            x = c[:, None, None] * _sparse_data(gen, directions, 256, p)[None]
+            loss, metrics, state = sae_step_loss(params, state, x, cfg)
+            loss.backward()
+            constrain_decoder_grad(params)
+            opt.step()
+            opt.zero_grad()
+            normalize_decoder(params)
+    finally:
+        torch.set_num_threads(threads)
+    return params, metrics, directions
+
+
+@pytest.mark.parametrize("batch_topk", [False, True])
+def test_recovers_ground_truth_directions(batch_topk):
+    params, metrics, directions = _train(d=32, n_true=64, n=128, k=4, steps=400, batch_topk=batch_topk)
+    best_cos = (directions @ params.W_dec[0].detach().T).max(1).values
+    assert (best_cos > 0.9).float().mean() >= 0.9
+    assert metrics["fvu"].item() < 0.3
+
+
+def test_auxk_keeps_latents_alive_where_they_die_without_it():
+    # Half the latents start with encoder columns 20x too small: TopK never selects them, so the
+    # main loss sends them no gradient and they stay dead; AuxK is the only signal that reaches them.
+    _, without, _ = _train(d=32, n_true=256, n=128, k=4, steps=350, auxk=False, shrink_half=0.05)
+    _, with_auxk, _ = _train(d=32, n_true=256, n=128, k=4, steps=350, auxk=True, shrink_half=0.05)
+    assert without["dead_fraction"].item() >= 0.4
+    assert with_auxk["dead_fraction"].item() < 0.01
+    assert with_auxk["fvu"].item() < without["fvu"].item()

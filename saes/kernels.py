@@ -29,6 +29,14 @@ from torch import Tensor
 __all__ = ["sparse_decode", "select_pre_acts", "encode_topk", "dense_pre_acts", "scatter_rows", "gather_dot"]
 
 
+def _triton_for(t: Tensor):
+    """:mod:`saes.triton_kernels` when ``t`` is on CUDA, Triton imports and ``INTERP_TRITON != "0"``; else None."""
+    if not t.is_cuda:  # checked first so CPU runs never import Triton
+        return None
+    from saes import triton_kernels
+
+    return triton_kernels if triton_kernels.enabled_for(t) else None
+
 
 def _flat_rows(indices: Int[Tensor, "S B k"], n: int) -> Int[Tensor, "S*B k"]:
     """Indices into the flattened ``[S * n, d]`` table (member ``s`` offset by ``s * n``)."""
@@ -41,6 +49,8 @@ def scatter_rows(
     coef: Float[Tensor, "S B k"], indices: Int[Tensor, "S B k"], dense: Float[Tensor, "S B d"], n: int
 ) -> Float[Tensor, "S n d"]:
     """``out[s, i] = sum over (b, j) with indices[s, b, j] == i of coef[s, b, j] * dense[s, b]``."""
+    if (tk := _triton_for(dense)) is not None:
+        return tk.scatter_rows(coef, indices, dense, n)
     S, B, k = coef.shape
     d = dense.shape[-1]
     rows = _flat_rows(indices, n).reshape(-1)
@@ -53,6 +63,8 @@ def gather_dot(
     dense: Float[Tensor, "S B d"], table: Float[Tensor, "S n d"], indices: Int[Tensor, "S B k"]
 ) -> Float[Tensor, "S B k"]:
     """``out[s, b, j] = dense[s, b] . table[s, indices[s, b, j]]`` (an SDDMM on a CSR pattern)."""
+    if (tk := _triton_for(dense)) is not None:
+        return tk.gather_dot(dense, table, indices)
     S, B, k = indices.shape
     n, d = table.shape[-2:]
     crow = torch.arange(0, S * B * k + 1, k, device=indices.device)
@@ -120,6 +132,8 @@ def sparse_decode(
     values: Float[Tensor, "S B k"], indices: Int[Tensor, "S B k"], W_dec: Float[Tensor, "S n d"]
 ) -> Float[Tensor, "S B d"]:
     """Weighted sum of the k selected decoder rows per token (no ``b_dec``), sparse in both passes."""
+    if (tk := _triton_for(W_dec)) is not None:
+        return tk.sparse_decode(values, indices, W_dec)
     return SparseDecode.apply(values, indices, W_dec)
 
 

@@ -1,0 +1,106 @@
+"""Run the Triton SAE kernels on CPU under Triton's interpreter and compare them with the torch path.
+
+Executed as a script by tests/test_triton_kernels.py in a fresh process, because
+``TRITON_INTERPRET`` must be set before Triton is imported and kernels are decorated. Prints one
+JSON object ``{check name: [max abs error, tolerance]}`` on stdout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"
+
+import torch  # noqa: E402
+
+from saes import kernels, triton_kernels  # noqa: E402
+
+# (S, B, d, n, k, dtype, fused b_dec): d > BLOCK_D and k > BLOCK_K exercise the masked tails;
+# k == n makes every token hit every latent, so the scatter's atomic adds collide on every row.
+CASES = [
+    (1, 5, 7, 12, 3, torch.float64, False),
+    (2, 3, 70, 40, 20, torch.float64, False),
+    (2, 6, 16, 9, 9, torch.float64, True),
+    (3, 2, 70, 40, 20, torch.float32, True),
+]
+TOL = {torch.float64: 1e-10, torch.float32: 1e-4}
+
+
+def _inputs(S, B, d, n, k, dtype, seed):
+    """Random values, distinct per-token indices, decoder table, bias and a probe for gradients."""
+    g = torch.Generator().manual_seed(seed)
+    indices = torch.stack([torch.stack([torch.randperm(n, generator=g)[:k] for _ in range(B)]) for _ in range(S)])
+    values, W_dec, b_dec, probe = (torch.randn(shape, generator=g, dtype=dtype) for shape in [(S, B, k), (S, n, d), (S, d), (S, B, d)])
+    return values, indices, W_dec, b_dec, probe
+
+
+def _err(a: torch.Tensor | None, b: torch.Tensor | None) -> float:
+    """Max abs difference in fp64; a missing gradient or a shape/dtype mismatch counts as infinite error."""
+    if a is None or b is None or a.shape != b.shape or a.dtype != b.dtype:
+        return float("inf")
+    return (a.double() - b.double()).abs().max().item()
+
+
+def decode_checks(results: dict, S, B, d, n, k, dtype, with_bias: bool) -> None:
+    """Fused decode and its gradients (values, W_dec, and b_dec when fused); raw scatter/gather kernels."""
+    tag = f"{S}x{B}x{d}x{n}x{k}/{str(dtype).removeprefix('torch.')}/{'bias' if with_bias else 'nobias'}"
+    tol = TOL[dtype]
+    values, indices, W_dec, b_dec, probe = _inputs(S, B, d, n, k, dtype, seed=S * 1000 + n)
+    leaves = (values, W_dec, b_dec) if with_bias else (values, W_dec)
+    params = [t.clone().requires_grad_() for t in leaves]
+    ref = [t.clone().requires_grad_() for t in leaves]
+    got = triton_kernels.sparse_decode(params[0], indices, params[1], params[2] if with_bias else None)
+    want = kernels.sparse_decode(ref[0], indices, ref[1]) + (ref[2][:, None] if with_bias else 0)
+    results[f"{tag}/x_hat"] = [_err(got, want), tol]
+    grads = torch.autograd.grad((got * probe).sum(), params)
+    ref_grads = torch.autograd.grad((want * probe).sum(), ref)
+    for label, a, b in zip(["values", "W_dec", "b_dec"], grads, ref_grads):
+        results[f"{tag}/grad_{label}"] = [_err(a, b), tol]
+    results[f"{tag}/scatter_rows"] = [_err(triton_kernels.scatter_rows(values, indices, probe, n), kernels.scatter_rows(values, indices, probe, n)), tol]
+    results[f"{tag}/gather_dot"] = [_err(triton_kernels.gather_dot(probe, W_dec, indices), kernels.gather_dot(probe, W_dec, indices)), tol]
+
+
+def dispatch_checks(results: dict) -> None:
+    """Route kernels.py through Triton (as on CUDA) and compare a full TopK SAE step with the torch path."""
+    S, B, d, n, k = 2, 4, 10, 24, 4
+    g = torch.Generator().manual_seed(5)
+    shapes = {"W_enc": (S, d, n), "b_enc": (S, n), "W_dec": (S, n, d), "b_dec": (S, d)}
+    params = {name: torch.randn(shape, generator=g, dtype=torch.float64) for name, shape in shapes.items()}
+    x = torch.randn(S, B, d, generator=g, dtype=torch.float64)
+
+    def step() -> list[torch.Tensor]:
+        p = {name: t.clone().requires_grad_() for name, t in params.items()}
+        values, indices, _ = kernels.encode_topk(x, p["W_enc"], p["b_enc"], p["b_dec"], k)
+        x_hat = kernels.sparse_decode(values, indices, p["W_dec"]) + p["b_dec"][:, None]
+        return [x_hat.detach(), *torch.autograd.grad(((x_hat - x) ** 2).sum(), list(p.values()))]
+
+    want = step()
+    routed: list[torch.Tensor] = []
+
+    def as_if_cuda(t: torch.Tensor):
+        routed.append(t)
+        return triton_kernels
+
+    original, kernels._triton_for = kernels._triton_for, as_if_cuda
+    try:
+        got = step()
+    finally:
+        kernels._triton_for = original
+    # sparse_decode (forward) and scatter_rows (encoder backward) must both have gone to Triton.
+    results["dispatch/routed_calls_missing"] = [float(max(0, 2 - len(routed))), 0.0]
+    for label, a, b in zip(["x_hat", *shapes], got, want):
+        results[f"dispatch/{label}"] = [_err(a, b), TOL[torch.float64]]
+
+
+def main() -> None:
+    """Run every check and print the error table as JSON."""
+    results: dict[str, list[float]] = {}
+    for case in CASES:
+        decode_checks(results, *case)
+    dispatch_checks(results)
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()

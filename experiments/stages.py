@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from interp.faults import fault
 from interp.files import atomic_write_json
 
 __all__ = ["Stage", "StageResult", "StageRunner", "hash_inputs"]
@@ -109,6 +110,7 @@ class StageRunner:
         summary = stage.run(directory, self.results) or {}
         seconds = time.perf_counter() - start
         atomic_write_json(directory / "stage.json", {"hash": key, "stage": stage.name, "seconds": seconds, "summary": summary})
+        fault("stage.done")
         result = StageResult(stage.name, directory, key, summary, seconds)
         self.results[stage.name] = result
         self.log({"event": "stage_done", "stage": stage.name, "hash": key, "seconds": round(seconds, 2), **{f"summary.{k}": v for k, v in summary.items() if isinstance(v, int | float | str)}})

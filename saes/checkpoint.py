@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from interp.errors import UserError
-from interp.files import atomic_write_json, save_safetensors_atomic, sha256_file
+from interp.files import atomic_write_json, contained_path, save_safetensors_atomic, sha256_file
 
 __all__ = ["Checkpoint", "checkpoint_dir", "write_state", "commit", "latest", "prune", "optimizer_to_flat", "optimizer_from_flat"]
 
@@ -81,9 +81,9 @@ def _valid(directory: Path) -> dict | None:
     try:
         meta = json.loads((directory / "meta.json").read_text())
         for name, digest in meta["files"].items():
-            if sha256_file(directory / name) != digest:
+            if sha256_file(contained_path(directory, name)) != digest:
                 return None
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, UserError):  # UserError: a name escaping the directory
         return None
     return meta
 

@@ -13,13 +13,38 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from typer.core import TyperGroup
+
+try:  # typer >= 0.24 vendors click; Abort is typer.Abort either way
+    from typer._click.exceptions import UsageError
+except ImportError:  # pragma: no cover - older typer with the click package
+    from click.exceptions import UsageError
 
 from interp.errors import UserError
 
 __all__ = ["app", "command", "console", "err_console", "fail"]
 
+
+class _OneLineErrors(TyperGroup):
+    """Click usage errors (a wrong type, a missing option) as one ``error:`` line and exit 2, not a box."""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except UsageError as err:
+            where = f" (see `{err.ctx.command_path} --help`)" if err.ctx is not None else ""
+            raise SystemExit(fail(f"{err.format_message()}{where}").exit_code) from None
+        except typer.Abort:
+            print("interrupted", file=sys.stderr)
+            raise SystemExit(130) from None
+        raise SystemExit(code if isinstance(code, int) else 0)
+
+
 app = typer.Typer(
     name="interp",
+    cls=_OneLineErrors,
     help="Mechanistic-interpretability workbench: models, activations, SAEs, probes, steering. Offline by default.",
     no_args_is_help=True,
     add_completion=False,

@@ -81,3 +81,23 @@ def test_interp_never_imports_higher_layers():
     code = "import sys, interp, interp.directions, interp.files, interp.dictionary; print([m for m in sys.modules if m.split('.')[0] in ('saes','probes','experiments')])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]"
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["harvest", "--tokens", "abc", "--out", "x", "--hook", "h"], "Invalid value for '--tokens'"),
+        (["harvest", "--out", "x"], "Missing option '--hook'"),
+        (["no-such-command"], "No such command"),
+    ],
+)
+def test_cli_usage_errors_are_one_line(argv, message):
+    from typer.testing import CliRunner
+
+    from experiments.cli import app
+
+    result = CliRunner().invoke(app, argv)
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
+    assert "Traceback" not in result.output

@@ -10,7 +10,7 @@ held-out FVU after the same number of tokens.
     python benchmarks/sae_train.py                      # d_in 576, n 4096 and 16384, k 32, batch 4096
     python benchmarks/sae_train.py --latents 4096 --steps 5 --threads 1
 
-Never asserts a time: figures go to benchmarks/results/sae_train.md by hand.
+Never asserts a time: figures go to benchmarks/RESULTS.md by hand.
 """
 
 from __future__ import annotations

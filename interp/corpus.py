@@ -33,7 +33,7 @@ __all__ = ["Corpus", "load_corpus", "list_corpora", "pack_windows", "SPLITS", "E
 SPLITS = ("train", "eval", "all")
 _LOCAL_SUFFIXES = (".txt", ".jsonl", ".parquet")
 # Tokens of all splits, measured with the SmolLM2 tokenizer on the corpus built from this machine's installed versions
-# (see benchmarks/results/corpus.md); other versions give slightly different counts.
+# (see benchmarks/RESULTS.md); other versions give slightly different counts.
 _REGISTRY: dict[str, dict[str, Any]] = {
     "default": {
         "description": "English mix: King James Bible chapters + prose docstrings of the Python stdlib, numpy, pandas, "

@@ -60,8 +60,11 @@ def fail(message: str) -> typer.Exit:
     return typer.Exit(code=2)
 
 
-def command(*args: Any, **kwargs: Any) -> Callable[[Callable], Callable]:
-    """``@app.command`` that turns UserError (and Ctrl-C) into one line and an exit code."""
+_RESUME_HINT = "interrupted: re-run the same command to resume where it stopped"
+
+
+def command(*args: Any, on: typer.Typer | None = None, interrupted: str = _RESUME_HINT, **kwargs: Any) -> Callable[[Callable], Callable]:
+    """``@app.command`` (or ``on.command`` for a sub-app) that turns UserError and Ctrl-C into one line and an exit code."""
 
     def register(fn: Callable) -> Callable:
         @functools.wraps(fn)
@@ -71,10 +74,10 @@ def command(*args: Any, **kwargs: Any) -> Callable[[Callable], Callable]:
             except UserError as err:
                 raise fail(str(err)) from None
             except KeyboardInterrupt:
-                print("interrupted: re-run the same command to resume where it stopped", file=sys.stderr)
+                print(interrupted, file=sys.stderr)
                 raise typer.Exit(code=130) from None
 
-        app.command(*args, **kwargs)(wrapper)
+        (on or app).command(*args, **kwargs)(wrapper)
         return fn
 
     return register

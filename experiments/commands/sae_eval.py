@@ -5,9 +5,7 @@ Metrics and feature scans run on the corpus's held-out ``eval`` split by default
 
 from __future__ import annotations
 
-import functools
 import math
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,7 +14,7 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from experiments.app import app, command, console, fail
+from experiments.app import app, command, console
 from interp.errors import UserError
 
 __all__ = ["eval_sae_command", "dashboard_command", "features_app"]
@@ -33,23 +31,8 @@ _DEVICE = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: C
 
 
 def _features_command(name: str) -> Callable[[Callable], Callable]:
-    """``features_app.command`` with the same one-line UserError boundary as :func:`experiments.app.command`."""
-
-    def register(fn: Callable) -> Callable:
-        @functools.wraps(fn)
-        def wrapper(*a: Any, **kw: Any) -> Any:
-            try:
-                return fn(*a, **kw)
-            except UserError as err:
-                raise fail(str(err)) from None
-            except KeyboardInterrupt:
-                print("interrupted: nothing was written; re-run the command", file=sys.stderr)
-                raise typer.Exit(code=130) from None
-
-        features_app.command(name)(wrapper)
-        return fn
-
-    return register
+    """A ``features`` sub-command behind the same one-line error boundary as every command."""
+    return command(name, on=features_app, interrupted="interrupted: nothing was written; re-run the command")
 
 
 def _load(sae_dir: Path, model: str | None, device: str | None) -> tuple[Any, Any]:

@@ -104,6 +104,10 @@ def dense_reference(d_in, n, k, data, sample):
 
 def sparsify_coder(d_in, n, k, data, sample):
     """eai-sparsify's SparseCoder with its own fused encoder and decoder, trained the same way."""
+    import os
+
+    if not torch.cuda.is_available():  # sparsify's Triton decoder needs a GPU driver
+        os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")
     from sparsify import SparseCoder, SparseCoderConfig
 
     torch.manual_seed(0)

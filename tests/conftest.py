@@ -6,6 +6,8 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# sparsify picks its Triton decoder whenever triton imports, which fails on a CPU-only machine.
+os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

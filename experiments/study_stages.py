@@ -60,7 +60,7 @@ def build(cfg: StudyConfig, model: Any, log: Callable[[dict], None], progress: b
             metrics = saes.evaluate(sae, model, h.corpus, n_tokens=cfg.eval.n_tokens, ctx=h.ctx,
                                     batch_size=h.batch_size, seed=cfg.seed, out=out, progress=progress)
             log({"event": "eval", "sae": sae_dir.name, **{k: v for k, v in metrics.items() if isinstance(v, int | float)}})
-            for key in ("ce_loss_recovered", "fvu", "l0", "dead_fraction", "kl_div"):
+            for key in ("ce_loss_recovered", "fvu", "l0", "dead_fraction", "kl_clean_spliced"):
                 if key in metrics:
                     summary[f"{sae_dir.name}.{key}"] = metrics[key]
         return summary

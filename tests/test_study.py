@@ -65,6 +65,8 @@ def test_study_writes_every_artefact(finished_run):
     assert "http://" not in report and "https://" not in report  # offline, self-contained
     for stage in stages:
         assert f"<h2>{stage}</h2>" in report
+    eval_summary = json.loads(next(run.glob("stages/eval-*/stage.json")).read_text())["summary"]
+    assert {k.rsplit(".", 1)[1] for k in eval_summary} >= {"ce_loss_recovered", "fvu", "l0", "dead_fraction", "kl_clean_spliced"}
     steer = json.loads(next(run.glob("stages/steer-*/steer.json")).read_text())
     assert len(steer["samples"]) == 2 and 0.0 <= steer["hit_rate_steered"] <= 1.0
 

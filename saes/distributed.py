@@ -1,9 +1,12 @@
 """The distributed wrapper around the SAE step, for runs launched with ``torchrun --standalone``.
 
 Two modes:
-- ``ddp``: every rank holds every SAE and a different slice of each global batch. Gradients are
-  averaged (all-reduce), and so is the explicit step state: a latent counts as fired if it fired on
-  any rank, and the BatchTopK threshold is the mean over ranks, so all ranks keep identical state.
+- ``ddp``: every rank holds every SAE and a different slice of each global batch. Each rank
+  normalises its FVU and AuxK by the variance of the *global* batch (:func:`total_variance_over_ranks`),
+  so the global loss is the sum of the rank losses and gradients are summed (all-reduce): per-token
+  TopK then matches one process up to float reduction order. The explicit step state is synced too:
+  a latent counts as fired if it fired on any rank, and the BatchTopK threshold is the mean over
+  ranks (each rank keeps the top ``k * B / W`` of its own slice, so BatchTopK is close, not exact).
 - ``shard``: the SAEs are dealt out to ranks; every rank reads the same batches and trains its own
   share, nothing is reduced. Rank 0 gathers metrics and writes the shared files.
 CPU runs use the gloo backend, CUDA runs NCCL (one device per local rank).
@@ -17,11 +20,15 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from jaxtyping import Float
 from torch import Tensor
 
 from interp.errors import UserError
 
-__all__ = ["DistContext", "setup", "all_reduce_grads", "sync_step_state", "mean_over_ranks", "gather_objects"]
+__all__ = [
+    "DistContext", "setup", "all_reduce_grads", "total_variance_over_ranks", "sync_step_state",
+    "mean_over_ranks", "sum_over_ranks", "gather_objects",
+]
 
 
 @dataclass
@@ -86,18 +93,44 @@ def setup(mode: str, device: str | None = None) -> DistContext:
     return DistContext(mode, rank, world, dev, owns)
 
 
-def all_reduce_grads(params: list[torch.nn.Parameter], world: int) -> None:
-    """Average gradients over ranks in one flat all-reduce (gloo has no AVG op: sum, then divide)."""
+def all_reduce_grads(params: list[torch.nn.Parameter], world: int, average: bool = True) -> None:
+    """Sum (or, with ``average``, average) gradients over ranks in one flat all-reduce (gloo has no AVG op)."""
     grads = [p.grad for p in params if p.grad is not None]
     if world == 1 or not grads:
         return
     flat = torch.cat([g.reshape(-1) for g in grads])
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    flat /= world
+    if average:
+        flat /= world
     offset = 0
     for g in grads:
         g.copy_(flat[offset:offset + g.numel()].view_as(g))
         offset += g.numel()
+
+
+def total_variance_over_ranks(xs: list[Float[Tensor, "S B d"]], world: int) -> list[Float[Tensor, "S"]]:
+    """``sum_b ||x_b - mean x||^2`` per member over the global batch that each rank's ``x`` is a slice of.
+
+    One all-reduce of ``sum_b x_b``, ``sum_b ||x_b||^2`` and the row count, in float64, then
+    ``sum_b ||x_b - mean x||^2 = sum_b ||x_b||^2 - ||sum_b x_b||^2 / N`` (float64 keeps the
+    cancellation harmless for inputs scaled to ``E||x||^2 = d_in``). Returned in each ``x``'s dtype.
+    """
+    stats = []
+    for x in xs:
+        x64 = x.double()
+        stats += [x64.sum(1).reshape(-1), x64.pow(2).sum((1, 2)), torch.tensor([x.shape[1]], dtype=torch.float64, device=x.device)]
+    flat = torch.cat(stats)
+    if world > 1:
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    out, offset = [], 0
+    for x in xs:
+        S, _, d = x.shape
+        sum_x = flat[offset:offset + S * d].view(S, d)
+        sum_sq = flat[offset + S * d:offset + S * d + S]
+        rows = flat[offset + S * d + S]
+        out.append((sum_sq - sum_x.pow(2).sum(-1) / rows).to(x.dtype))
+        offset += S * d + S + 1
+    return out
 
 
 def sync_step_state(old: Any, new: Any, local_rows: int, world: int) -> Any:
@@ -125,6 +158,15 @@ def mean_over_ranks(values: Tensor, world: int) -> Tensor:
     out = values.detach().clone().float()
     dist.all_reduce(out, op=dist.ReduceOp.SUM)
     return out / world
+
+
+def sum_over_ranks(values: Tensor, world: int) -> Tensor:
+    """Sum of a tensor over ranks (for logged metrics that add up over slices of a batch, like FVU)."""
+    if world == 1:
+        return values
+    out = values.detach().clone().float()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out
 
 
 def gather_objects(obj: Any, ctx: DistContext) -> list[Any]:

@@ -201,13 +201,18 @@ def _auxk(params: StackParams, x: Tensor, pre: Tensor, residual: Tensor, dead: T
 
 
 def sae_step_loss(
-    params: StackParams, state: StepState, x: Float[Tensor, "S B d"], cfg: StepConfig
+    params: StackParams, state: StepState, x: Float[Tensor, "S B d"], cfg: StepConfig,
+    *, total_variance: Float[Tensor, "S"] | None = None,
 ) -> tuple[Tensor, dict[str, Tensor], StepState]:
     """Loss (summed over the stack), per-member metrics and the next state for one batch.
 
     ``x`` is already scaled (``E||x||^2 = d_in``). Metrics, each ``[S]``: ``fvu``, ``l0`` (mean
     active latents per token), ``dead_fraction`` (after this batch) and ``auxk_loss``. On CUDA
     the encoder GEMM runs in bf16 with TF32 enabled; on CPU everything is fp32.
+
+    ``total_variance`` is the FVU and AuxK denominator ``sum_b ||x_b - mean_b x||^2`` of a larger
+    global batch that ``x`` is one slice of (data parallelism); the loss, ``fvu`` and ``auxk_loss``
+    of the slices then add up to those of the global batch. None uses the variance of ``x`` itself.
     """
     _check(params, x, cfg)
     if x.is_cuda:
@@ -224,7 +229,10 @@ def sae_step_loss(
     else:
         values, indices, pre = encode_topk(x, params.W_enc, params.b_enc, params.b_dec, cfg.k)
     x_hat = sparse_decode(values, indices, params.W_dec) + params.b_dec.unsqueeze(1)
-    total_variance = (x - x.mean(1, keepdim=True)).pow(2).sum((1, 2)).clamp_min(1e-12)
+    if total_variance is None:
+        total_variance = (x - x.mean(1, keepdim=True)).pow(2).sum((1, 2))
+    assert total_variance.shape == (S,), f"total_variance must be [S]={S}, got {tuple(total_variance.shape)}"
+    total_variance = total_variance.to(x.dtype).clamp_min(1e-12)
     fvu = (x_hat - x).pow(2).sum((1, 2)) / total_variance
 
     dead = state.tokens_since_fired >= cfg.dead_tokens_threshold

@@ -27,7 +27,10 @@ from interp.faults import fault
 from interp.files import atomic_write_text
 from saes import checkpoint as ckpt
 from saes.config import TrainConfig, sae_name
-from saes.distributed import DistContext, all_reduce_grads, gather_objects, mean_over_ranks, setup, sync_step_state
+from saes.distributed import (
+    DistContext, all_reduce_grads, gather_objects, mean_over_ranks, setup, sum_over_ranks, sync_step_state,
+    total_variance_over_ranks,
+)
 from saes.model import TopKSAE
 from saes.stacking import build_stack, load_stack_tensors, make_step_config, stack_tensors
 from saes.step import constrain_decoder_grad, input_scale, normalize_decoder, sae_step_loss
@@ -37,6 +40,8 @@ from saes.training_log import MetricsLog, progress_bar
 __all__ = ["train"]
 
 StepHook = Callable[[int, dict], None]
+_SUMMED = frozenset({"fvu", "auxk_loss"})
+"""ddp metrics that are sums over ranks (the rest are means over equal-size slices)."""
 
 
 @dataclass
@@ -158,17 +163,24 @@ class _Run:
         """One optimizer step on every stack; returns each stack's metrics ``{name: [S]}``."""
         cfg, device = self.cfg, self.ctx.device
         x_by_hook = {h: batch[h].to(device, non_blocking=True).float() * self.scales[h] for h in self.hooks}
-        results, total = [], None
+        ddp = self.ctx.mode == "ddp"
+        xs = []
         for stack in self.stacks:
             hooks = [h for h, _, _ in stack.keys]
-            x = x_by_hook[hooks[0]][None].expand(len(hooks), -1, -1) if len(set(hooks)) == 1 else torch.stack([x_by_hook[h] for h in hooks])
+            same = len(set(hooks)) == 1
+            xs.append(x_by_hook[hooks[0]][None].expand(len(hooks), -1, -1) if same else torch.stack([x_by_hook[h] for h in hooks]))
+        # ddp: every rank divides by the global batch's variance, so the global loss (and its
+        # gradient) is the sum over ranks of the rank losses, exactly as one process would compute it
+        variances = total_variance_over_ranks(xs, self.ctx.world) if ddp else [None] * len(xs)
+        results, total = [], None
+        for stack, x, variance in zip(self.stacks, xs, variances):
             # precision is the step's: bf16 encoder GEMM (TF32 elsewhere) on CUDA, fp32 on CPU
-            loss, metrics, new_state = sae_step_loss(stack.params, stack.state, x, stack.step_cfg)
+            loss, metrics, new_state = sae_step_loss(stack.params, stack.state, x, stack.step_cfg, total_variance=variance)
             total = loss if total is None else total + loss
             results.append((metrics, new_state))
         total.backward()
-        if self.ctx.mode == "ddp":
-            all_reduce_grads([p for s in self.stacks for p in s.params.parameters()], self.ctx.world)
+        if ddp:
+            all_reduce_grads([p for s in self.stacks for p in s.params.parameters()], self.ctx.world, average=False)
         for stack, group in zip(self.stacks, self.optimizer.param_groups):
             constrain_decoder_grad(stack.params)
             group["lr"] = stack.lr * cfg.lr_factor(step)
@@ -177,8 +189,10 @@ class _Run:
         out = []
         for stack, (metrics, new_state) in zip(self.stacks, results):
             normalize_decoder(stack.params)
-            if self.ctx.mode == "ddp":
+            if ddp:
                 new_state = sync_step_state(stack.state, new_state, cfg.batch_size // self.data_world, self.ctx.world)
+                # the rank's own count only saw its slice; the synced state is the global batch's
+                metrics["dead_fraction"] = (new_state.tokens_since_fired >= stack.step_cfg.dead_tokens_threshold).float().mean(1)
             stack.state = new_state
             out.append(metrics)
         return out
@@ -188,7 +202,8 @@ class _Run:
         rows = []
         for stack, m in zip(self.stacks, metrics):
             if self.ctx.mode == "ddp":
-                m = {name: mean_over_ranks(v, self.ctx.world) for name, v in m.items()}
+                # fvu and auxk_loss are already divided by the global variance: they add up over ranks
+                m = {name: (sum_over_ranks if name in _SUMMED else mean_over_ranks)(v, self.ctx.world) for name, v in m.items()}
             values = {name: v.detach().float().cpu().tolist() for name, v in m.items()}
             for i, (hook, n, k) in enumerate(stack.keys):
                 row = {"step": step, "sae": sae_name(hook, n, k), "hook": hook, "n_latents": n, "k": k,

@@ -108,6 +108,38 @@ def test_batch_topk_matches_dense_reference_and_tracks_threshold():
     assert torch.allclose(state2.threshold, smallest1 + 0.25 * (smallest2 - smallest1))
 
 
+def test_global_total_variance_makes_half_batch_losses_and_grads_add_up():
+    # data parallelism: slices normalised by the *global* variance sum to the full-batch objective
+    S, B, d, n = 2, 24, 8, 40
+    params = _stack(S, d, n, seed=7)
+    x = torch.randn(S, B, d, dtype=torch.float64, generator=torch.Generator().manual_seed(4)) + 0.5
+    cfg = StepConfig(k=4, k_aux=6, dead_tokens_threshold=100)
+    state = init_state(S, n)
+    state.tokens_since_fired[:, :12] = 1000  # AuxK active on both members
+
+    def run(xb, tv=None):
+        loss, metrics, new = sae_step_loss(params, state, xb, cfg, total_variance=tv)
+        return loss, metrics, new, torch.autograd.grad(loss, list(params.parameters()))
+
+    loss, metrics, _, grads = run(x)
+    own = (x - x.mean(1, keepdim=True)).pow(2).sum((1, 2))
+    loss_own, metrics_own, _, grads_own = run(x, own)
+    assert torch.equal(loss_own, loss) and all(torch.equal(a, b) for a, b in zip(grads_own, grads))
+    assert all(torch.equal(metrics_own[name], metrics[name]) for name in metrics)
+
+    halves = [run(part, own) for part in x.split(B // 2, dim=1)]
+    assert torch.allclose(halves[0][0] + halves[1][0], loss, rtol=1e-12)
+    for name in ("fvu", "auxk_loss"):
+        assert (metrics[name] > 0).all()
+        assert torch.allclose(halves[0][1][name] + halves[1][1][name], metrics[name], rtol=1e-12), name
+    assert torch.allclose((halves[0][1]["l0"] + halves[1][1]["l0"]) / 2, metrics["l0"], rtol=1e-12)
+    for name, a, b, full in zip(["W_enc", "b_enc", "W_dec", "b_dec"], halves[0][3], halves[1][3], grads):
+        assert torch.allclose(a + b, full, rtol=1e-10, atol=1e-12), name
+    # the mean of losses each normalised by its own half's variance (averaged ddp gradients) is not it
+    local = [run(part)[0] for part in x.split(B // 2, dim=1)]
+    assert not torch.allclose((local[0] + local[1]) / 2, loss, rtol=1e-3)
+
+
 def test_decoder_constraint_and_normalization():
     params = _stack(2, 6, 10)
     params.W_dec.grad = torch.randn_like(params.W_dec)

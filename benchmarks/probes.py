@@ -51,12 +51,12 @@ def collect(model_name: str, task_name: str, pooling: str | None, cache: Path, d
     return x, task, seconds
 
 
-def sklearn_sweep(x: np.ndarray, y: np.ndarray, split, cs: list[float]) -> tuple[list[float], float]:
+def sklearn_sweep(x: np.ndarray, y: np.ndarray, split, cs: list[float]) -> tuple[list[float], float, float]:
     """Per layer, per C: StandardScaler + LogisticRegression(lbfgs); best C on validation; test accuracy."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     accs = []
     for layer in range(x.shape[0]):
         scaler = StandardScaler().fit(x[layer, split.train])
@@ -66,10 +66,10 @@ def sklearn_sweep(x: np.ndarray, y: np.ndarray, split, cs: list[float]) -> tuple
             clf = LogisticRegression(C=c, max_iter=1000).fit(tr, y[split.train])
             best = max(best, (clf.score(va, y[split.val]), clf.score(te, y[split.test])))
         accs.append(best[1])
-    return accs, time.perf_counter() - start
+    return accs, time.perf_counter() - start, time.process_time() - cpu
 
 
-def batched_sweep(x: torch.Tensor, y: torch.Tensor, split, l2: list[float], device: str) -> tuple[list[float], float]:
+def batched_sweep(x: torch.Tensor, y: torch.Tensor, split, l2: list[float], device: str) -> tuple[list[float], float, float]:
     """All layers × penalties in one fit_logistic call; best penalty on validation; test accuracy."""
     from probes.fit import fit_logistic
     from probes.metrics import accuracy
@@ -77,7 +77,7 @@ def batched_sweep(x: torch.Tensor, y: torch.Tensor, split, l2: list[float], devi
     x = x.to(device)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     fit = fit_logistic(x[:, split.train.to(device)], y[split.train].to(device).float(), l2)
     val = accuracy(fit.scores(x[:, split.val.to(device)]), y[split.val].to(device))
     test = accuracy(fit.scores(x[:, split.test.to(device)]), y[split.test].to(device))
@@ -86,7 +86,7 @@ def batched_sweep(x: torch.Tensor, y: torch.Tensor, split, l2: list[float], devi
     accs = [max(map(tuple, layer))[1] for layer in pairs]
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-    return accs, time.perf_counter() - start
+    return accs, time.perf_counter() - start, time.process_time() - cpu
 
 
 def main() -> None:
@@ -117,26 +117,30 @@ def main() -> None:
     if collect_s:
         print(f"collection (all layers, one pass per batch): {collect_s:.1f} s = {x.shape[1] / collect_s:.1f} items/s")
     x_np = x.double().numpy()
-    ratios, batched_times, sk_times = [], [], []
+    ratios, cpu_ratios, batched_times, sk_times = [], [], [], []
     for i in range(args.repeats):
         # Alternate which side runs first, so that a load swing on the shared machine hits both.
         if i % 2 == 0:
-            ours, t_ours = batched_sweep(x, y, split, l2, args.device)
-            ref, t_ref = sklearn_sweep(x_np, y.numpy(), split, cs)
+            ours, t_ours, c_ours = batched_sweep(x, y, split, l2, args.device)
+            ref, t_ref, c_ref = sklearn_sweep(x_np, y.numpy(), split, cs)
         else:
-            ref, t_ref = sklearn_sweep(x_np, y.numpy(), split, cs)
-            ours, t_ours = batched_sweep(x, y, split, l2, args.device)
+            ref, t_ref, c_ref = sklearn_sweep(x_np, y.numpy(), split, cs)
+            ours, t_ours, c_ours = batched_sweep(x, y, split, l2, args.device)
         batched_times.append(t_ours)
         sk_times.append(t_ref)
         ratios.append(t_ref / t_ours)
-        print(f"repeat {i + 1}: batched {t_ours:.2f} s, sklearn {t_ref:.2f} s, ratio {t_ref / t_ours:.1f}×", flush=True)
+        cpu_ratios.append(c_ref / c_ours)
+        # CPU seconds of this process: far less disturbed than wall time when other jobs share the cores.
+        print(f"repeat {i + 1}: batched {t_ours:.2f} s ({c_ours:.2f} CPU s), sklearn {t_ref:.2f} s ({c_ref:.2f} CPU s), "
+              f"ratio {t_ref / t_ours:.1f}× wall, {c_ref / c_ours:.1f}× CPU", flush=True)
     t_ours, t_ref = float(np.median(batched_times)), float(np.median(sk_times))
     diff = max(abs(a - b) for a, b in zip(ours, ref))
     print("layer  batched  sklearn")
     for layer, (a, b) in enumerate(zip(ours, ref)):
         print(f"{layer:5d}  {a:7.3f}  {b:7.3f}")
     print(f"batched fit ({args.device}): median {t_ours:.2f} s; sklearn loop ({len(cs)} C × {x.shape[0]} layers): median {t_ref:.2f} s; "
-          f"median speed-up {float(np.median(ratios)):.1f}× (per-repeat {', '.join(f'{r:.1f}' for r in ratios)}); "
+          f"median speed-up {float(np.median(ratios)):.1f}× wall (per-repeat {', '.join(f'{r:.1f}' for r in ratios)}), "
+          f"{float(np.median(cpu_ratios)):.1f}× CPU time (per-repeat {', '.join(f'{r:.1f}' for r in cpu_ratios)}); "
           f"max |Δ test accuracy| {100 * diff:.1f} points; "
           f"best layer batched {int(np.argmax(ours))} ({max(ours):.3f}), sklearn {int(np.argmax(ref))} ({max(ref):.3f})")
 

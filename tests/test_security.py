@@ -169,3 +169,41 @@ def test_a_config_value_that_looks_like_code_is_only_a_string(tmp_path):
     result = CliRunner().invoke(app, ["run", str(tmp_path / "c.toml"), "--out", str(tmp_path / "run")])
     assert result.exit_code == 2 and "no model directory at __import__" in result.stderr
     assert not marker.exists()
+
+
+_MODEL_COMMANDS = {
+    "eval-sae": ["eval-sae", "--sae", "{sae}"],
+    "dashboard": ["dashboard", "--sae", "{sae}", "--out", "{tmp}/d.html"],
+    "features stats": ["features", "stats", "--sae", "{sae}"],
+    "features search": ["features", "search", "--sae", "{sae}", "--query", "the"],
+    "probe": ["probe", "--model", "tiny-random", "--task", "sentiment", "--out", "{tmp}/p"],
+    "steer": ["steer", "--sae", "{sae}", "--feature", "0", "--clamp", "1", "--prompt", "hi"],
+    "harvest": ["harvest", "--model", "tiny-random", "--hook", "blocks.0.hook_resid_post", "--tokens", "64", "--out", "{tmp}/h"],
+}
+
+
+@pytest.mark.parametrize("trusted", [False, True])
+@pytest.mark.parametrize("name", sorted(_MODEL_COMMANDS))
+def test_every_model_loading_command_forwards_trust_remote_code(name, trusted, tmp_path, monkeypatch):
+    """Remote code stays off unless --trust-remote-code is passed, and the flag reaches load_model."""
+    import interp
+    import interp.models
+    import saes
+    from interp.errors import UserError
+    from typer.testing import CliRunner
+
+    from experiments.cli import app
+
+    seen = []
+
+    def fake_load_model(*args, **kwargs):
+        seen.append(kwargs.get("trust_remote_code", False))
+        raise UserError("stopped at load_model")
+
+    monkeypatch.setattr(interp.models, "load_model", fake_load_model)
+    monkeypatch.setattr(interp, "load_model", fake_load_model, raising=False)
+    saes.TopKSAE(64, 32, 4, hook_name="blocks.0.hook_resid_post", model="tiny-random").save(tmp_path / "sae")
+    args = [a.format(sae=tmp_path / "sae", tmp=tmp_path) for a in _MODEL_COMMANDS[name]]
+    result = CliRunner().invoke(app, args + (["--trust-remote-code"] if trusted else []))
+    assert result.exit_code == 2 and "stopped at load_model" in result.output, result.output
+    assert seen == [trusted]

@@ -50,6 +50,7 @@ def probe(
     batch_size: int = typer.Option(16, "--batch-size", help="Items per forward pass."),
     early_stopping: bool = typer.Option(True, "--early-stopping/--no-early-stopping", help="Keep the iterate with the best validation loss."),
     device: str = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow a local/hub model to run its own Python code (off by default; only for models you trust)."),
 ) -> None:
     """Fit linear probes on every requested layer at once; write per-layer metrics, the plot and probes."""
     from interp.models import load_model
@@ -69,7 +70,7 @@ def probe(
         raise UserError(f"--out {out} is a file; pass a directory")
     probe_task = load_task(task)
     probe_task.check()
-    bridge = load_model(model, device=device)
+    bridge = load_model(model, device=device, trust_remote_code=trust_remote_code)
     resid_post_hooks(bridge, layer_list)
     config = ProbeConfig(layers=layer_list, pooling=pooling, l2=l2_values, l1=l1, early_stopping=early_stopping, seed=seed, batch_size=batch_size)
     report = run_probe(bridge, probe_task, config, out=out)

@@ -28,6 +28,7 @@ _CORPUS = typer.Option("default", "--corpus", help="Corpus name or .txt/.jsonl/.
 _CTX = typer.Option(128, "--ctx", help="Context window length in tokens, BOS included.")
 _BATCH = typer.Option(8, "--batch-size", help="Windows per forward pass.")
 _DEVICE = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: CUDA when available).")
+_TRUST = typer.Option(False, "--trust-remote-code", help="Allow a local/hub model to run its own Python code (off by default; only for models you trust).")
 
 
 def _features_command(name: str) -> Callable[[Callable], Callable]:
@@ -35,13 +36,13 @@ def _features_command(name: str) -> Callable[[Callable], Callable]:
     return command(name, on=features_app, interrupted="interrupted: nothing was written; re-run the command")
 
 
-def _load(sae_dir: Path, model: str | None, device: str | None) -> tuple[Any, Any]:
+def _load(sae_dir: Path, model: str | None, device: str | None, trust_remote_code: bool = False) -> tuple[Any, Any]:
     from interp.models import load_model
     from saes.io import load
 
     sae = load(sae_dir)
     name = model or getattr(sae, "model", "") or "smollm2-135m"
-    loaded = load_model(name, device=device)
+    loaded = load_model(name, device=device, trust_remote_code=trust_remote_code)
     return sae.to(next(loaded.parameters()).device), loaded
 
 
@@ -70,13 +71,14 @@ def eval_sae_command(
     dense_threshold: float = typer.Option(0.1, "--dense-threshold", help="A latent firing on more than this share of tokens counts as dense."),
     out: Path | None = typer.Option(None, "--out", help="Where to write the metrics JSON (default: eval.json in the SAE directory)."),
     device: str | None = _DEVICE,
+    trust_remote_code: bool = _TRUST,
 ) -> None:
     """Reconstruction, sparsity, density and CE-loss metrics of an SAE; writes eval.json beside it."""
     from interp.store import ActivationStore
     from saes.evaluation import EVAL_FILE, evaluate
 
     _positive(tokens, "--tokens")
-    sae_model, loaded = _load(sae, model, device)
+    sae_model, loaded = _load(sae, model, device, trust_remote_code)
     source = ActivationStore(store) if store is not None else corpus
     target = out or sae / EVAL_FILE
     result = evaluate(sae_model, loaded, source, n_tokens=tokens, ctx=ctx, batch_size=batch_size, dense_threshold=dense_threshold, ce=ce, out=target)
@@ -114,13 +116,14 @@ def dashboard_command(
     batch_size: int = _BATCH,
     seed: int = typer.Option(0, "--seed", help="Seed of the window shuffle and of the feature sample."),
     device: str | None = _DEVICE,
+    trust_remote_code: bool = _TRUST,
 ) -> None:
     """Scan held-out text and write one offline HTML page of feature panels."""
     from saes.dashboard import build_dashboard
 
     _positive(tokens, "--tokens")
     wanted = _parse_features(features)
-    sae_model, loaded = _load(sae, model, device)
+    sae_model, loaded = _load(sae, model, device, trust_remote_code)
     dash = build_dashboard(sae_model, loaded, corpus, features=wanted, n_tokens=tokens, n_features=n_features, ctx=ctx, batch_size=batch_size, top_k=top_k, seed=seed)
     path = dash.save(out)
     console.print(f"wrote {path} ({len(dash.data['features'])} features, {path.stat().st_size / 1e6:.1f} MB)", markup=False, highlight=False)
@@ -135,12 +138,13 @@ def stats_command(
     ctx: int = _CTX,
     batch_size: int = _BATCH,
     device: str | None = _DEVICE,
+    trust_remote_code: bool = _TRUST,
 ) -> None:
     """Stream max activation, mean-when-active and firing frequency per latent into feature_stats.safetensors."""
     from saes.features import save_feature_stats, scan_features
 
     _positive(tokens, "--tokens")
-    sae_model, loaded = _load(sae, model, device)
+    sae_model, loaded = _load(sae, model, device, trust_remote_code)
     scan = scan_features(sae_model, loaded, corpus, n_tokens=tokens, ctx=ctx, batch_size=batch_size, top_k=0)
     path = save_feature_stats(scan, sae)
     dead = float((scan.frequency == 0).float().mean())
@@ -160,12 +164,13 @@ def search_command(
     ctx: int = _CTX,
     batch_size: int = _BATCH,
     device: str | None = _DEVICE,
+    trust_remote_code: bool = _TRUST,
 ) -> None:
     """Rank features by log-odds of firing on the query's tokens vs a baseline corpus."""
     from saes.search import search_features
 
     _positive(tokens, "--tokens")
-    sae_model, loaded = _load(sae, model, device)
+    sae_model, loaded = _load(sae, model, device, trust_remote_code)
     results = search_features(sae_model, loaded, query=query, examples=example or None, baseline=corpus, n_baseline_tokens=tokens, ctx=ctx, batch_size=batch_size, min_count=min_count, top=top)
     table = Table(title=f"features for {query or 'the examples'!r} (score = log-odds of firing vs baseline)")
     for column in ("feature", "score", "fires (match)", "fires (baseline)", "mean act", "example"):

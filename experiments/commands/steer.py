@@ -115,6 +115,7 @@ def steer(
     seed: int = typer.Option(0, "--seed", help="Base seed; sample i uses seed + i for both steered and base."),
     batch_size: int = typer.Option(8, "--batch-size", help="Prompts per generation batch."),
     device: str = typer.Option(None, "--device", help="cpu, cuda, ... (default: cuda if available)."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow a local/hub model to run its own Python code (off by default; only for models you trust)."),
     out: Path = typer.Option(None, "--out", help="Write prompts, settings, continuations and metrics here as JSON."),
 ) -> None:
     """Steer generation and print steered vs unsteered continuations side by side.
@@ -139,7 +140,7 @@ def steer(
 
     args = dict(sae=sae, feature=feature, hook=hook, vector=vector, direction=direction, mode=mode, positions=as_positions(positions))
     source = _load_source(args)
-    model = interp.load_model(model_name, device=device)
+    model = interp.load_model(model_name, device=device, trust_remote_code=trust_remote_code)
     make, desc = _make(source, args, model)
     gen_kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, batch_size=batch_size, chat=chat, progress=True)
     # Build every intervention up front, so a bad strength fails before any generation.

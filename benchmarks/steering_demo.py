@@ -1,19 +1,26 @@
 """The recorded steering demonstration: find a concept's feature, clamp it, count mentions.
 
-    python benchmarks/steering_demo.py --sae DIR --concept bridge [--keywords bridge,bridges] \
-        [--feature ID] [--clamp 10x] [--sweep 0,2,5,10x] [--max-new-tokens 40] [--out DIR]
+    python benchmarks/steering_demo.py --sae DIR --concept God [--keywords God,Lord] \
+        [--feature ID] [--clamp auto|5x] [--select-sweep 2x,3x,5x] [--positions generated] \
+        [--sweep 0,2x,5x] [--max-new-tokens 32] [--out DIR]
 
-On the 36 shipped neutral prompts (chat template on), with the same seeds for every setting:
-the unsteered model, the clamped feature, and a random direction added with the same norm as
-the clamp's push (value × ||W_dec[i]||) as the baseline. Without ``--feature`` the SAE feature
-search (``saes.search_features``) picks the top feature for ``--concept``. Reports hit rates,
-NLL of each continuation set under the unsteered model, distinct-2, and writes ``demo.json``
-plus ``sweep.html`` (concept vs fluency) to ``--out``. Target: steered ≥ 60 %, unsteered ≤ 10 %.
+Choices are made on the 12 SELECTION prompts (``interp/data/steering_selection_prompts.txt``),
+results are reported on the 36 shipped neutral prompts (chat template on), never the other way
+round. Without ``--feature``, ``saes.select_steering_feature`` takes the feature search's top
+``--candidates`` for ``--concept`` and keeps the one whose clamp most raises the keywords'
+probability (teacher-forced, at ``--select-strength``). With ``--clamp auto`` the strength is the
+one of ``--select-sweep`` with the highest hit rate on the selection prompts (ties: lower NLL).
+Reported, with the same seeds for every setting: the unsteered model, the clamped feature, and a
+random direction added with the same norm as the clamp's push (value × ||W_dec[i]||) as the
+baseline — hit rates, NLL of each continuation set under the unsteered model, distinct-2.
+Writes ``demo.json`` and ``sweep.html`` (concept vs fluency on the selection prompts, plus the
+``--sweep`` on the reported prompts if given) to ``--out``. Target: steered ≥ 60 %, unsteered ≤ 10 %.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import torch
@@ -31,12 +38,15 @@ from interp.steering_eval import (
 )
 
 
-def pick_feature(sae, model, concept: str, baseline_tokens: int) -> tuple[int, list[dict]]:
-    """The top feature of the SAE feature search for ``concept`` (and the search's rows)."""
-    import saes
+def pick_strength(model, sae, feature: int, strengths: list[str], keywords: list[str], positions: str, gen: dict) -> tuple[str, list[dict]]:
+    """The strength with the best hit rate on the selection prompts (ties: lower NLL), and the sweep rows."""
+    from saes.steer_select import load_selection_prompts
 
-    rows = saes.search_features(sae, model, query=concept, n_baseline_tokens=baseline_tokens, top=5, progress=True)
-    return int(rows[0]["feature"]), rows
+    rows = strength_sweep(model, load_selection_prompts(), lambda s: [interp.Clamp(sae, feature, s, positions=positions)], strengths, keywords=keywords, **gen)
+    for r in rows:
+        print(f"selection: clamp {r['strength']:>5}  hit rate {r['hit_rate']:6.1%}   NLL {r['nll']:.3f}   distinct-2 {r['distinct_2']:.2f}")
+    best = min(rows, key=lambda r: (-r["hit_rate"], r["nll"]))
+    return str(best["strength"]), rows
 
 
 def main() -> None:
@@ -47,8 +57,12 @@ def main() -> None:
     parser.add_argument("--concept", required=True, help="the concept word to search for and count")
     parser.add_argument("--keywords", default=None, help="comma-separated words that count as a mention (default: the concept)")
     parser.add_argument("--feature", type=int, default=None)
-    parser.add_argument("--clamp", default="10x")
-    parser.add_argument("--sweep", default="0,2x,5x,10x")
+    parser.add_argument("--clamp", default="auto", help="a value, 'Nx', or 'auto' (best of --select-sweep on the selection prompts)")
+    parser.add_argument("--select-sweep", default="2x,3x,5x", help="strengths tried on the selection prompts for --clamp auto")
+    parser.add_argument("--select-strength", default="5x", help="clamp strength of the teacher-forced effect that ranks candidates")
+    parser.add_argument("--candidates", type=int, default=20, help="feature-search candidates reranked by measured effect")
+    parser.add_argument("--positions", default="generated", choices=["generated", "all"], help="where the clamp acts")
+    parser.add_argument("--sweep", default="", help="strengths swept on the reported prompts too (slow; e.g. 0,2x,5x)")
     parser.add_argument("--max-new-tokens", type=int, default=40)
     parser.add_argument("--temperature", type=float, default=0.7)
     parser.add_argument("--seed", type=int, default=0)
@@ -61,18 +75,28 @@ def main() -> None:
 
     model = interp.load_model(args.model)
     sae = saes.load(args.sae, device=model.cfg.device)
-    feature, search = (args.feature, []) if args.feature is not None else pick_feature(sae, model, args.concept, args.baseline_tokens)
     keywords = [k.strip() for k in (args.keywords or args.concept).split(",") if k.strip()]
-    prompts = load_steering_prompts()[: args.prompts]
     gen = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed, chat=True, progress=True)
+    search = []
+    feature = args.feature
+    if feature is None:
+        search = saes.select_steering_feature(sae, model, args.concept, keywords, n_candidates=args.candidates, strength=args.select_strength,
+                                              positions=args.positions, n_baseline_tokens=args.baseline_tokens, progress=True)
+        for r in search[:5]:
+            print(f"candidate {r['feature']:5d}  search rank {r['search_rank']:2d}  effect {r['effect']:+.2f} nats  NLL cost {r['nll_increase']:+.2f}")
+        feature = int(search[0]["feature"])
+    clamp_value, selection_sweep = args.clamp, []
+    if args.clamp == "auto":
+        clamp_value, selection_sweep = pick_strength(model, sae, feature, [s.strip() for s in args.select_sweep.split(",") if s.strip()], keywords, args.positions, gen)
+    prompts = load_steering_prompts()[: args.prompts]
 
-    clamp = interp.Clamp(sae, feature, args.clamp)
+    clamp = interp.Clamp(sae, feature, clamp_value, positions=args.positions)
     push = float(clamp.values[0]) * float(sae.W_dec[feature].detach().norm())
     random_vec = random_direction_like(sae.W_dec[feature].detach().cpu(), seed=args.seed)
     settings = {
         "unsteered": [],
-        f"clamp feature {feature} to {args.clamp}": [clamp],
-        "random direction, same push": [interp.Add(sae.hook_name, random_vec, push)],
+        f"clamp feature {feature} to {clamp_value}": [clamp],
+        "random direction, same push": [interp.Add(sae.hook_name, random_vec, push, positions=args.positions)],
     }
     summary = {}
     for name, ivs in settings.items():
@@ -87,25 +111,21 @@ def main() -> None:
         print(f"{name:<40} hit rate {summary[name]['hit_rate']:6.1%}   NLL {summary[name]['nll']:.3f} nats/token   distinct-2 {summary[name]['distinct_2']:.2f}")
 
     strengths = [s.strip() for s in args.sweep.split(",") if s.strip()]
-    unit_push = float(sae.W_dec[feature].detach().norm())
-    max_act = float(sae.max_activations[feature]) if sae.max_activations is not None else 1.0
-    curves = {
-        f"clamp feature {feature}": strength_sweep(model, prompts, lambda s: [interp.Clamp(sae, feature, s)], strengths, keywords=keywords, **gen),
-        "random direction": strength_sweep(
-            model, prompts,
-            lambda s: [interp.Add(sae.hook_name, random_vec, (float(s[:-1]) * max_act if str(s).endswith("x") else float(s)) * unit_push)],
-            strengths, keywords=keywords, **gen,
-        ),
-    }
+    curves = {f"clamp feature {feature}, selection prompts": selection_sweep} if selection_sweep else {}
+    if strengths:
+        curves[f"clamp feature {feature}, reported prompts"] = strength_sweep(
+            model, prompts, lambda s: [interp.Clamp(sae, feature, s, positions=args.positions)], strengths, keywords=keywords, **gen)
+    curves["reported settings"] = [{"strength": name, "hit_rate": r["hit_rate"], "nll": r["nll"]} for name, r in summary.items()]
     out_dir = Path(args.out)
     write_sweep_html(curves, out_dir / "sweep.html", title=f"Steering toward '{args.concept}': concept vs fluency")
     atomic_write_json(out_dir / "demo.json", {
         "model": args.model, "sae": args.sae, "feature": feature, "search": search, "keywords": keywords,
-        "clamp": args.clamp, "settings": gen, "n_prompts": len(prompts), "results": summary,
+        "clamp": clamp_value, "positions": args.positions, "selection_prompts": "interp/data/steering_selection_prompts.txt", "settings": gen, "n_prompts": len(prompts), "results": summary,
         "sweep": {k: [{kk: vv for kk, vv in r.items() if kk != "texts"} for r in rows] for k, rows in curves.items()},
+        "command": "python " + " ".join(sys.argv),
         "torch": torch.__version__,
     })
-    steered = summary[f"clamp feature {feature} to {args.clamp}"]["hit_rate"]
+    steered = summary[f"clamp feature {feature} to {clamp_value}"]["hit_rate"]
     base = summary["unsteered"]["hit_rate"]
     verdict = "MET" if steered >= 0.6 and base <= 0.1 else "NOT met"
     print(f"target (steered >= 60 %, unsteered <= 10 %): {verdict}; wrote {out_dir / 'demo.json'} and {out_dir / 'sweep.html'}")

@@ -161,9 +161,17 @@ class SteerConfig:
     """Neutral prompts used (from the shipped list)."""
     max_new_tokens: int = 24
     """Tokens generated per prompt."""
+    rerank: bool = True
+    """Rerank the search's top candidates by measured steering effect on the selection prompts (saes.select_steering_feature)."""
+    n_candidates: int = 20
+    """Search candidates that the rerank measures."""
+    positions: str = "generated"
+    """Where the clamp acts: 'generated' (new tokens only) or 'all' (prompt too)."""
 
     def validate(self, where: str) -> None:
-        _positive(where, n_prompts=self.n_prompts, max_new_tokens=self.max_new_tokens)
+        _positive(where, n_prompts=self.n_prompts, max_new_tokens=self.max_new_tokens, n_candidates=self.n_candidates)
+        if self.positions not in ("generated", "all"):
+            raise UserError(f"{where}.positions = {self.positions!r} is not supported; use 'generated' or 'all'")
 
 
 @dataclass

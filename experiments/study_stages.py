@@ -107,18 +107,23 @@ def build(cfg: StudyConfig, model: Any, log: Callable[[dict], None], progress: b
         if sae.max_activations is None:
             scan = saes.scan_features(sae, model, h.corpus, n_tokens=cfg.dashboard.n_tokens, ctx=h.ctx, seed=cfg.seed, progress=progress)
             sae.max_activations = scan.max_activations
-        found = saes.search_features(sae, model, query=st.query, baseline=h.corpus, ctx=h.ctx, seed=cfg.seed, progress=progress)
+        keywords = st.keywords or st.query.split()
+        found = saes.search_features(sae, model, query=st.query, baseline=h.corpus, ctx=h.ctx, seed=cfg.seed,
+                                     top=st.n_candidates, progress=progress)
         if not found:
             return {"feature": -1, "note": f"no feature fired on {st.query!r}"}
+        if st.rerank:
+            # Choose by measured effect on the selection prompts, never on the reported ones.
+            found = saes.select_steering_feature(sae, model, st.query, keywords, search=found, n_candidates=st.n_candidates,
+                                                 strength=st.clamp, positions=st.positions, chat=False)
         feature = int(found[0]["feature"])
         prompts = load_steering_prompts()[: st.n_prompts]
-        gens = interp.generate(model, prompts, interp.Clamp(sae, feature, st.clamp), max_new_tokens=st.max_new_tokens,
-                               temperature=0.7, seed=cfg.seed, compare=True, progress=progress)
-        keywords = st.keywords or st.query.split()
+        gens = interp.generate(model, prompts, interp.Clamp(sae, feature, st.clamp, positions=st.positions),
+                               max_new_tokens=st.max_new_tokens, temperature=0.7, seed=cfg.seed, compare=True, progress=progress)
         steered_nll = continuation_nll(model, gens.prompt_tokens, gens.tokens)
         base_nll = continuation_nll(model, gens.prompt_tokens, gens.base_tokens)
         summary = {
-            "feature": feature, "search_score": float(found[0]["score"]), "clamp": st.clamp,
+            "feature": feature, "search_score": float(found[0]["score"]), "clamp": st.clamp, "positions": st.positions,
             "hit_rate_steered": concept_hit_rate(gens.texts, keywords),
             "hit_rate_base": concept_hit_rate(gens.base_texts, keywords),
             "nll_steered": float(steered_nll.nanmean()), "nll_base": float(base_nll.nanmean()),

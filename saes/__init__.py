@@ -33,6 +33,10 @@ _EXPORTS: dict[str, str] = {
     "logit_lens": "saes.features",
     "neighbours": "saes.features",
     "search_features": "saes.search",
+    # steering-feature choice (steering demo helper)
+    "select_steering_feature": "saes.steer_select",
+    "steering_effect": "saes.steer_select",
+    "predictive_search": "saes.steer_select",
     "Dashboard": "saes.dashboard",
     "build_dashboard": "saes.dashboard",
 }

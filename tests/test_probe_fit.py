@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from probes import fit as fit_module
 from probes.fit import fit_logistic, fit_mass_mean, l2_from_sklearn_c, sklearn_c_from_l2
 
 sklearn = pytest.importorskip("sklearn")
@@ -119,3 +120,45 @@ def test_label_sets_as_columns_equal_separate_fits():
 def test_c_mapping_round_trips():
     assert l2_from_sklearn_c(0.5, 200) == pytest.approx(0.01)
     assert sklearn_c_from_l2(l2_from_sklearn_c(3.0, 77), 77) == pytest.approx(3.0)
+
+
+def test_chunked_solve_with_reused_buffers_and_warm_starts_equals_one_batch(monkeypatch):
+    # Chunks of 2 problems (then 1): buffers are reused, resized, and each chunk warm-starts.
+    x, y = _problems(p=3, n=150, d=12, seed=5)
+    l2 = [1e-1, 1e-3]
+    whole = fit_logistic(x, y, l2, tol=1e-6)
+    monkeypatch.setattr(fit_module, "_chunk_size", lambda x: 2)
+    chunked = fit_logistic(x, y, l2, tol=1e-6)
+    assert bool(chunked.converged.all())
+    torch.testing.assert_close(chunked.weight, whole.weight, atol=2e-4, rtol=1e-3)
+    torch.testing.assert_close(chunked.bias, whole.bias, atol=2e-4, rtol=1e-3)
+
+
+def test_a_slow_penalty_left_running_alone_matches_its_own_fit():
+    # The weakest penalty needs the most Newton steps, so it ends up solved as the only column.
+    x, y = _problems(p=2, n=160, d=15, seed=6)
+    l2 = [1.0, 1e-1, 1e-2, 1e-5]
+    joint = fit_logistic(x, y, l2, tol=1e-6)
+    assert bool((joint.n_iter[:, 3] > joint.n_iter[:, :3].amax(1)).all())
+    for r, lam in enumerate(l2):
+        alone = fit_logistic(x, y, [lam], tol=1e-6)
+        torch.testing.assert_close(joint.weight[:, r], alone.weight[:, 0], atol=5e-4, rtol=2e-3)
+        torch.testing.assert_close(joint.bias[:, r], alone.bias[:, 0], atol=5e-4, rtol=2e-3)
+
+
+def test_early_stopping_of_several_penalties_keeps_better_validation_iterates():
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 140, 60, generator=g)
+    y = (x[..., 0] + 1.5 * torch.randn(2, 140, generator=g) > 0).float()
+    xt, yt, xv, yv = x[:, :40], y[:, :40], x[:, 40:], y[:, 40:]
+    l2 = [1e-1, 1e-2, 1e-3, 1e-4]
+    full = fit_logistic(xt, yt, l2, max_iter=30)
+    stopped = fit_logistic(xt, yt, l2, x_val=xv, y_val=yv, early_stopping=True, patience=2, max_iter=30)
+
+    def val_loss(fit):
+        scores = fit.scores(xv)
+        return torch.nn.functional.binary_cross_entropy_with_logits(scores, yv[:, None].expand_as(scores), reduction="none").mean(-1)
+
+    assert bool((val_loss(stopped) <= val_loss(full) + 1e-6).all())
+    # The almost unpenalised probes overfit: early stopping halts them sooner.
+    assert bool((stopped.n_iter[:, -1] < full.n_iter[:, -1]).all())

@@ -72,7 +72,10 @@ def _env(fault: str) -> dict[str, str]:
 
 def _interp(args: list[str], fault: str) -> subprocess.CompletedProcess:
     """Run ``interp ARGS`` in a subprocess that injects ``fault``."""
-    return subprocess.run([sys.executable, "-m", "experiments.cli", *args], env=_env(fault), capture_output=True, text=True, timeout=300)
+    # A shell running pytest in the background starts it with SIGINT ignored, and children inherit
+    # that: restore the default so the injected Ctrl-C reaches Python's KeyboardInterrupt handler.
+    return subprocess.run([sys.executable, "-m", "experiments.cli", *args], env=_env(fault), capture_output=True, text=True, timeout=300,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _cli(args: list[str]):

@@ -1,14 +1,16 @@
 """The recorded steering demonstration: find a concept's feature, clamp it, count mentions.
 
     python benchmarks/steering_demo.py --sae DIR --concept God [--keywords God,Lord] \
-        [--feature ID] [--clamp auto|5x] [--select-sweep 2x,3x,5x] [--positions generated] \
+        [--feature ID] [--max-cost 1.5] [--clamp auto|5x] [--select-sweep 2x,3x,5x] [--positions generated] \
         [--sweep 0,2x,5x] [--max-new-tokens 32] [--out DIR]
 
 Choices are made on the 12 SELECTION prompts (``interp/data/steering_selection_prompts.txt``),
 results are reported on the 36 shipped neutral prompts (chat template on), never the other way
 round. Without ``--feature``, ``saes.select_steering_feature`` takes the feature search's top
 ``--candidates`` for ``--concept`` and keeps the one whose clamp most raises the keywords'
-probability (teacher-forced, at ``--select-strength``). With ``--clamp auto`` the strength is the
+probability (teacher-forced, at ``--select-strength``) among those whose NLL cost at that strength is at
+most ``--max-cost`` nats (an uncapped rerank picks capitalisation or register features that raise
+"God" by breaking the text). With ``--clamp auto`` the strength is the
 one of ``--select-sweep`` with the highest hit rate on the selection prompts (ties: lower NLL).
 Reported, with the same seeds for every setting: the unsteered model, the clamped feature, and a
 random direction added with the same norm as the clamp's push (value × ||W_dec[i]||) as the
@@ -61,6 +63,7 @@ def main() -> None:
     parser.add_argument("--select-sweep", default="2x,3x,5x", help="strengths tried on the selection prompts for --clamp auto")
     parser.add_argument("--select-strength", default="5x", help="clamp strength of the teacher-forced effect that ranks candidates")
     parser.add_argument("--candidates", type=int, default=20, help="feature-search candidates reranked by measured effect")
+    parser.add_argument("--max-cost", type=float, default=1.5, help="skip candidates whose teacher-forced NLL cost exceeds this (nats; 'inf' keeps all)")
     parser.add_argument("--positions", default="generated", choices=["generated", "all"], help="where the clamp acts")
     parser.add_argument("--sweep", default="", help="strengths swept on the reported prompts too (slow; e.g. 0,2x,5x)")
     parser.add_argument("--max-new-tokens", type=int, default=40)
@@ -84,7 +87,10 @@ def main() -> None:
                                               positions=args.positions, n_baseline_tokens=args.baseline_tokens, progress=True)
         for r in search[:5]:
             print(f"candidate {r['feature']:5d}  search rank {r['search_rank']:2d}  effect {r['effect']:+.2f} nats  NLL cost {r['nll_increase']:+.2f}")
-        feature = int(search[0]["feature"])
+        affordable = [r for r in search if r["nll_increase"] <= args.max_cost]
+        if not affordable:
+            sys.exit(f"no candidate's NLL cost is <= --max-cost {args.max_cost} nats; raise --max-cost or lower --select-strength")
+        feature = int(affordable[0]["feature"])
     clamp_value, selection_sweep = args.clamp, []
     if args.clamp == "auto":
         clamp_value, selection_sweep = pick_strength(model, sae, feature, [s.strip() for s in args.select_sweep.split(",") if s.strip()], keywords, args.positions, gen)
@@ -119,7 +125,7 @@ def main() -> None:
     out_dir = Path(args.out)
     write_sweep_html(curves, out_dir / "sweep.html", title=f"Steering toward '{args.concept}': concept vs fluency")
     atomic_write_json(out_dir / "demo.json", {
-        "model": args.model, "sae": args.sae, "feature": feature, "search": search, "keywords": keywords,
+        "model": args.model, "sae": args.sae, "feature": feature, "max_cost": args.max_cost, "search": search, "keywords": keywords,
         "clamp": clamp_value, "positions": args.positions, "selection_prompts": "interp/data/steering_selection_prompts.txt", "settings": gen, "n_prompts": len(prompts), "results": summary,
         "sweep": {k: [{kk: vv for kk, vv in r.items() if kk != "texts"} for r in rows] for k, rows in curves.items()},
         "command": "python " + " ".join(sys.argv),

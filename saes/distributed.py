@@ -93,15 +93,13 @@ def setup(mode: str, device: str | None = None) -> DistContext:
     return DistContext(mode, rank, world, dev, owns)
 
 
-def all_reduce_grads(params: list[torch.nn.Parameter], world: int, average: bool = True) -> None:
-    """Sum (or, with ``average``, average) gradients over ranks in one flat all-reduce (gloo has no AVG op)."""
+def all_reduce_grads(params: list[torch.nn.Parameter], world: int) -> None:
+    """Sum gradients over ranks in one flat all-reduce (each rank's loss is already divided by the global variance)."""
     grads = [p.grad for p in params if p.grad is not None]
     if world == 1 or not grads:
         return
     flat = torch.cat([g.reshape(-1) for g in grads])
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    if average:
-        flat /= world
     offset = 0
     for g in grads:
         g.copy_(flat[offset:offset + g.numel()].view_as(g))
@@ -151,15 +149,6 @@ def sync_step_state(old: Any, new: Any, local_rows: int, world: int) -> Any:
     return new
 
 
-def mean_over_ranks(values: Tensor, world: int) -> Tensor:
-    """Mean of a tensor over ranks (for logged metrics)."""
-    if world == 1:
-        return values
-    out = values.detach().clone().float()
-    dist.all_reduce(out, op=dist.ReduceOp.SUM)
-    return out / world
-
-
 def sum_over_ranks(values: Tensor, world: int) -> Tensor:
     """Sum of a tensor over ranks (for logged metrics that add up over slices of a batch, like FVU)."""
     if world == 1:
@@ -167,6 +156,11 @@ def sum_over_ranks(values: Tensor, world: int) -> Tensor:
     out = values.detach().clone().float()
     dist.all_reduce(out, op=dist.ReduceOp.SUM)
     return out
+
+
+def mean_over_ranks(values: Tensor, world: int) -> Tensor:
+    """Mean of a tensor over ranks (for logged metrics such as L0)."""
+    return values if world == 1 else sum_over_ranks(values, world) / world
 
 
 def gather_objects(obj: Any, ctx: DistContext) -> list[Any]:

@@ -180,7 +180,7 @@ class _Run:
             results.append((metrics, new_state))
         total.backward()
         if ddp:
-            all_reduce_grads([p for s in self.stacks for p in s.params.parameters()], self.ctx.world, average=False)
+            all_reduce_grads([p for s in self.stacks for p in s.params.parameters()], self.ctx.world)
         for stack, group in zip(self.stacks, self.optimizer.param_groups):
             constrain_decoder_grad(stack.params)
             group["lr"] = stack.lr * cfg.lr_factor(step)

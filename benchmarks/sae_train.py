@@ -9,6 +9,11 @@ held-out FVU after the same number of tokens.
 
     python benchmarks/sae_train.py                      # d_in 576, n 4096 and 16384, k 32, batch 4096
     python benchmarks/sae_train.py --latents 4096 --steps 5 --threads 1
+    python benchmarks/sae_train.py --device cuda --d-in 768 --latents 32768 --steps 30   # GPU
+
+On CUDA the roofline is the bf16 encoder GEMM (every implementation runs its encoder in bf16:
+ours by design, sparsify and the dense reference under ``torch.autocast``), times are wall clock
+with the device synchronized, and ``--profile`` prints where our step spends its GPU time.
 
 Never asserts a time: figures go to benchmarks/RESULTS.md by hand.
 """
@@ -39,25 +44,44 @@ def fvu(x: torch.Tensor, x_hat: torch.Tensor) -> float:
     return float((x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
 
 
+DEVICE = torch.device("cpu")
+
+
 def matmul_flops(batch: int, d_in: int, n: int, repeats: int = 3) -> tuple[float, float]:
-    """fp32 FLOP/s of the encoder GEMM ``[batch, d] @ [d, n]``: (per wall second, per CPU-second), best of ``repeats``."""
-    a, b = torch.randn(batch, d_in), torch.randn(d_in, n)
+    """FLOP/s of the encoder GEMM ``[batch, d] @ [d, n]`` (fp32 on CPU, bf16 on CUDA): (per wall second, per CPU-second)."""
+    dt = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
+    a, b = torch.randn(batch, d_in, device=DEVICE, dtype=dt), torch.randn(d_in, n, device=DEVICE, dtype=dt)
     a @ b
-    times = [_timed(lambda: a @ b) for _ in range(repeats)]
-    flop = 2 * batch * d_in * n
+    reps = 20 if DEVICE.type == "cuda" else 1
+    times = [_timed(lambda: [a @ b for _ in range(reps)]) for _ in range(repeats)]
+    flop = 2 * batch * d_in * n * reps
     return flop / min(t[0] for t in times), flop / min(t[1] for t in times)
 
 
+def _sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def _timed(fn: Callable[[], object]) -> tuple[float, float]:
+    _sync()
     wall, cpu = time.perf_counter(), time.process_time()
     fn()
+    _sync()
     return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def _autocast():
+    """bf16 autocast on CUDA for the implementations that rely on it (sparsify's own trainer does this)."""
+    import contextlib
+
+    return torch.autocast("cuda", dtype=torch.bfloat16) if DEVICE.type == "cuda" else contextlib.nullcontext()
 
 
 def ours(d_in, n, k, data, sample):
     """Our stacked sparse step with S = 1; returns (step fn, reconstruct fn)."""
-    params = init_stack(1, d_in, n, sample=sample[None], seed=0)
-    state = [init_state(1, n)]
+    params = init_stack(1, d_in, n, sample=sample[None].cpu(), seed=0).to(DEVICE)
+    state = [init_state(1, n, device=DEVICE)]
     cfg = StepConfig(k=k)
     opt = torch.optim.Adam(params.parameters(), lr=2e-4 / (n / 2**14) ** 0.5, fused=True)
 
@@ -72,15 +96,15 @@ def ours(d_in, n, k, data, sample):
     def reconstruct(x):
         from saes.model import TopKSAE
 
-        return TopKSAE.from_stack(params, 0, k)(x)
+        return TopKSAE.from_stack(params, 0, k).to(DEVICE)(x)
 
     return step, reconstruct
 
 
 def dense_reference(d_in, n, k, data, sample):
     """The same objective with dense autograd (dense [B, n] gradients, dense weight-grad GEMMs)."""
-    params = init_stack(1, d_in, n, sample=sample[None], seed=0)
-    W_enc, b_enc, W_dec, b_dec = (p[0].detach().clone().requires_grad_() for p in params.parameters())
+    params = init_stack(1, d_in, n, sample=sample[None].cpu(), seed=0)
+    W_enc, b_enc, W_dec, b_dec = (p[0].detach().to(DEVICE).clone().requires_grad_() for p in params.parameters())
     opt = torch.optim.Adam([W_enc, b_enc, W_dec, b_dec], lr=2e-4 / (n / 2**14) ** 0.5, fused=True)
 
     def forward(x):
@@ -90,7 +114,8 @@ def dense_reference(d_in, n, k, data, sample):
         return f @ W_dec + b_dec
 
     def step(x):
-        loss = (forward(x) - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
+        with _autocast():
+            loss = (forward(x).float() - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
         loss.backward()
         with torch.no_grad():
             W_dec.grad -= (W_dec.grad * W_dec).sum(-1, keepdim=True) * W_dec
@@ -111,19 +136,35 @@ def sparsify_coder(d_in, n, k, data, sample):
     from sparsify import SparseCoder, SparseCoderConfig
 
     torch.manual_seed(0)
-    coder = SparseCoder(d_in, SparseCoderConfig(num_latents=n, k=k))
+    coder = SparseCoder(d_in, SparseCoderConfig(num_latents=n, k=k), device=DEVICE)
     with torch.no_grad():
         coder.b_dec.copy_(sample.mean(0))
     opt = torch.optim.Adam(coder.parameters(), lr=2e-4 / (n / 2**14) ** 0.5, fused=True)
 
     def step(x):
-        coder(x).fvu.backward()
+        with _autocast():
+            fvu = coder(x).fvu
+        fvu.backward()
         coder.remove_gradient_parallel_to_decoder_directions()
         opt.step()
         opt.zero_grad(set_to_none=True)
         coder.set_decoder_norm_to_unit_norm()
 
     return step, lambda x: coder(x).sae_out
+
+
+def profile(step: Callable, data: torch.Tensor, B: int, steps: int = 5) -> None:
+    """Print the top operators of ``steps`` calls of ``step`` by device (CUDA) or CPU self time."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE.type == "cuda" else [])
+    with torch_profile(activities=activities) as prof:
+        for i in range(steps):
+            step(data[i * B:(i + 1) * B])
+        _sync()
+    key = "self_cuda_time_total" if DEVICE.type == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=18, max_name_column_width=50))
 
 
 def main() -> None:
@@ -135,13 +176,21 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8, help="timed steps per implementation (after 1 warm-up step)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--skip", nargs="*", default=[], choices=["dense", "sparsify"])
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (allocations, Triton compiles)")
+    parser.add_argument("--profile", action="store_true", help="print our step's operator profile per size")
     args = parser.parse_args()
+    global DEVICE
+    DEVICE = torch.device(args.device)
+    if DEVICE.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}")
     if args.threads:
         torch.set_num_threads(args.threads)
     d, k, B = args.d_in, args.k, args.batch
     raw = synthetic((args.steps + 1) * B + 8192, d, n_true=8 * d, k=k, seed=0)
     scale = float(input_scale(raw[None, :8192])[0])
-    data, held_out = scale * raw[:-8192], scale * raw[-8192:]
+    data, held_out = (scale * raw[:-8192]).to(DEVICE), (scale * raw[-8192:]).to(DEVICE)
     print(f"threads {torch.get_num_threads()}, d_in {d}, k {k}, batch {B}, {args.steps} timed steps, inputs scaled by {scale:.4f}")
     impls = {"ours": ours, "sparsify": sparsify_coder, "dense": dense_reference}
     for n in args.latents:
@@ -152,13 +201,16 @@ def main() -> None:
             if name in args.skip:
                 continue
             step, reconstruct = build(d, n, k, data, data[:8192])
-            step(data[:B])  # warm-up (allocations, first-call dispatch)
+            for _ in range(args.warmup):
+                step(data[:B])  # warm-up (allocations, first-call dispatch, Triton compiles)
             wall = cpu = 0.0
             for i in range(args.steps):
                 w, c = _timed(lambda: step(data[(i + 1) * B:(i + 2) * B]))
                 wall, cpu = wall + w, cpu + c
             with torch.no_grad():
-                held = fvu(held_out, reconstruct(held_out))
+                held = fvu(held_out, reconstruct(held_out).float())
+            if args.profile and name == "ours":
+                profile(step, data, B)
             sps, sps_cpu = args.steps * B / wall, args.steps * B / cpu
             results[name] = (sps, sps_cpu)
             print(f"  {name:9s} {sps:8,.0f} samples/s, roofline {2 * d * n * sps / flops:6.1%} | {sps_cpu:8,.0f} per CPU-s, "

@@ -23,6 +23,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from interp.errors import UserError
+from interp.models import model_device
 from interp.steering import Intervention, prompt_lengths, steered
 
 __all__ = ["generate", "Generations", "encode_prompts", "supports_kv_cache"]
@@ -108,7 +109,7 @@ def _pick(logits: Float[Tensor, " vocab"], temperature: float, top_p: float, gen
 
 def _run_batch(model: Any, prompts: list[Tensor], first_index: int, max_new_tokens: int, temperature: float, top_p: float, seed: int, use_kv_cache: bool, return_logits: bool, eos_id: int | None) -> tuple[list[Tensor], list[Tensor] | None]:
     """Generate for one batch of token prompts (left-padded); returns new tokens (and logits) per row."""
-    device = torch.device(model.cfg.device)
+    device = model_device(model)
     batch = len(prompts)
     lengths = torch.tensor([len(p) for p in prompts])
     width = int(lengths.max())
@@ -122,12 +123,15 @@ def _run_batch(model: Any, prompts: list[Tensor], first_index: int, max_new_toke
     new_tokens: list[list[int]] = [[] for _ in range(batch)]
     kept_logits: list[list[Tensor]] = [[] for _ in range(batch)]
     done = torch.zeros(batch, dtype=torch.bool)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
     def positions(m: Tensor) -> Tensor:
         return (m.cumsum(-1) - 1).clamp_min(0)
 
-    with torch.inference_mode(), autocast, prompt_lengths(model, lengths.to(device)):
+    # No bf16 autocast here, unlike harvest: under autocast an fp32 model's additive attention mask
+    # (finfo(float32).min) overflows to -inf in bf16, fully masked pad rows turn to NaN, and the NaN
+    # reaches every row through the next layer's attention (seen on an H100). The model's own dtype
+    # is safe: load it with dtype="bfloat16" for bf16 generation.
+    with torch.inference_mode(), prompt_lengths(model, lengths.to(device)):
         past = None
         if use_kv_cache:
             logits, past = model(ids, attention_mask=mask, position_ids=positions(mask), return_type="logits_and_cache", use_cache=True)

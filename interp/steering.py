@@ -24,6 +24,7 @@ from torch import Tensor
 from interp.dictionary import FeatureDictionary
 from interp.directions import Direction
 from interp.errors import UserError, suggest
+from interp.models import model_device
 from interp.steering_positions import Positions, PositionTracker, as_positions
 
 __all__ = ["Intervention", "Clamp", "Scale", "Ablate", "Add", "steered", "contrastive_vector", "mean_residual_norm", "prompt_lengths"]
@@ -86,8 +87,8 @@ class _FeatureIntervention(Intervention):
         self.positions = as_positions(positions)
 
     def prepare(self, model: Any) -> None:
-        device = torch.device(model.cfg.device) if getattr(model.cfg, "device", None) is not None else None
-        if device is not None and self.sae.W_dec.device.type != device.type:
+        device = model_device(model)
+        if self.sae.W_dec.device.type != device.type:
             raise UserError(f"the SAE is on {self.sae.W_dec.device} but the model is on {device}; move the SAE with sae.to('{device}')")
 
     def _target(self, f: Tensor) -> Tensor:
@@ -173,7 +174,7 @@ class Ablate(Intervention):
         self.positions = as_positions(positions)
 
     def prepare(self, model: Any) -> None:
-        self.unit = self.unit.to(model.cfg.device)
+        self.unit = self.unit.to(model_device(model))
 
     def apply(self, x: Tensor) -> Tensor:
         unit = self.unit.to(x.device, torch.float32)
@@ -208,7 +209,7 @@ class Add(Intervention):
             raise UserError(f"the steering vector has {self.unit.numel()} entries but {self.hook} has d_model={model.cfg.d_model}; use a vector made for this model")
         if self.coef is None:
             self.coef = _multiple(self.coef_spec) * mean_residual_norm(model, self.hook, self.norm_prompts)  # type: ignore[operator]
-        self.unit = self.unit.to(model.cfg.device)
+        self.unit = self.unit.to(model_device(model))
 
     def apply(self, x: Tensor) -> Tensor:
         return (x.float() + self.coef * self.unit.to(x.device, torch.float32)).to(x.dtype)
@@ -229,7 +230,7 @@ def _capture(model: Any, tokens: Tensor, hook: str) -> Float[Tensor, "pos d"]:
         return x
 
     with torch.inference_mode(), model.hooks(fwd_hooks=[(hook, keep)]):
-        model(tokens[None].to(model.cfg.device))
+        model(tokens[None].to(model_device(model)))
     return out[0]
 
 

@@ -24,6 +24,7 @@ from torch import Tensor
 
 from interp.directions import Direction
 from interp.errors import UserError
+from interp.models import model_device
 from interp.files import atomic_write_text
 
 __all__ = [
@@ -64,7 +65,7 @@ def direction_scores(model: Any, token_lists: Sequence[Tensor], direction: Direc
     """Per sequence: mean over tokens of ``activation · unit(direction)`` at the direction's hook."""
     from interp.steering import _capture
 
-    unit = direction.unit.float().to(model.cfg.device)
+    unit = direction.unit.float().to(model_device(model))
     scores = [(_capture(model, toks, direction.hook_name) @ unit).mean() for toks in token_lists]
     return torch.stack(scores).cpu() if scores else torch.empty(0)
 
@@ -76,7 +77,7 @@ def continuation_nll(model: Any, prompt_tokens: Sequence[Tensor], continuations:
     if _ACTIVE.get(id(model)):
         raise UserError("continuation_nll must score text under the unsteered model; call it outside `steered(...)`")
     out = []
-    device = torch.device(model.cfg.device)
+    device = model_device(model)
     for prompt, cont in zip(prompt_tokens, continuations):
         if len(cont) == 0:
             out.append(float("nan"))

@@ -133,3 +133,9 @@ def optimizer_from_flat(optimizer: torch.optim.Optimizer, tensors: dict[str, Ten
             pid, name = key[len(prefix) + 1:].split(".", 1)
             state.setdefault(int(pid), {})[name] = value
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    # Saved tensors come back contiguous; give each state tensor its parameter's memory layout
+    # (e.g. the latent-major W_enc), which fused Adam assumes.
+    for param, st in optimizer.state.items():
+        for name, value in st.items():
+            if isinstance(value, Tensor) and value.shape == param.shape and value.stride() != param.stride():
+                st[name] = torch.empty_like(param, dtype=value.dtype).copy_(value)

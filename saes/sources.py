@@ -21,6 +21,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from interp.errors import UserError, suggest
+from interp.models import model_device
 
 __all__ = ["hook_layer", "special_mask", "token_windows", "hook_activations", "autocast", "check_hook", "model_device", "batched", "progress_bar", "sae_device"]
 
@@ -86,11 +87,6 @@ def autocast(device: torch.device) -> Any:
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return nullcontext()
-
-
-def model_device(model: Any) -> torch.device:
-    """The device of the model's first parameter."""
-    return next(model.parameters()).device
 
 
 def sae_device(sae: Any) -> torch.device:

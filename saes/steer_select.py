@@ -28,6 +28,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from interp.errors import UserError
+from interp.models import model_device
 
 __all__ = ["select_steering_feature", "steering_effect", "predictive_search", "keyword_token_ids", "load_selection_prompts"]
 
@@ -152,7 +153,7 @@ def steering_effect(
     # Clamp resolves "5x" against each feature's max activation and checks the ids.
     values = interp.Clamp(sae, feats, [strength] * len(feats)).values
     ids = torch.tensor(keyword_token_ids(model.tokenizer, keywords))
-    device = torch.device(model.cfg.device)
+    device = model_device(model)
     w_dec = sae.W_dec.detach()
     idx = torch.tensor(feats, device=w_dec.device)
     base = interp.generate(model, list(prompts), max_new_tokens=continuation_tokens, temperature=0.0, chat=chat, stop_at_eos=False, progress=progress)

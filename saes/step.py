@@ -27,18 +27,23 @@ from interp.errors import UserError
 from saes.kernels import dense_pre_acts, encode_topk, select_pre_acts, sparse_decode
 
 __all__ = [
-    "StackParams", "StepState", "StepConfig", "init_stack", "init_state", "sae_step_loss",
+    "StackParams", "StepState", "StepConfig", "init_stack", "check_finite", "init_state", "sae_step_loss",
     "constrain_decoder_grad", "normalize_decoder", "geometric_median", "input_scale",
 ]
 
 
 class StackParams(nn.Module):
-    """Weights of S same-shape SAEs, stacked on a leading axis (training units: inputs pre-scaled)."""
+    """Weights of S same-shape SAEs, stacked on a leading axis (training units: inputs pre-scaled).
+
+    ``W_enc`` has shape ``[S, d_in, n]`` but is stored latent-major (a transposed view of an
+    ``[S, n, d_in]`` buffer): the sparse encoder backward produces its gradient latent-major, so
+    autograd accumulates it without a transposing copy, and Adam's state takes the same layout.
+    """
 
     def __init__(self, S: int, d_in: int, n_latents: int, device: str | torch.device | None = None, dtype: torch.dtype = torch.float32):
         super().__init__()
         kw = {"device": device, "dtype": dtype}
-        self.W_enc = nn.Parameter(torch.zeros(S, d_in, n_latents, **kw))
+        self.W_enc = nn.Parameter(torch.zeros(S, n_latents, d_in, **kw).transpose(1, 2))
         self.b_enc = nn.Parameter(torch.zeros(S, n_latents, **kw))
         self.W_dec = nn.Parameter(torch.zeros(S, n_latents, d_in, **kw))
         self.b_dec = nn.Parameter(torch.zeros(S, d_in, **kw))
@@ -146,14 +151,20 @@ def init_stack(
     return params
 
 
+def check_finite(x: Tensor) -> None:
+    """One-line error for NaN/Inf activations (a host sync on CUDA: the trainer checks host batches instead)."""
+    if not torch.isfinite(x).all():
+        raise UserError("the activation batch contains NaN or Inf; re-harvest the activations (or check the hook)")
+
+
 def _check(params: StackParams, x: Tensor, cfg: StepConfig) -> None:
     S, d, n = params.S, params.d_in, params.n_latents
     if not 0 < cfg.k < n:
         raise UserError(f"k must satisfy 0 < k < n_latents (got k={cfg.k}, n_latents={n}); lower --k or raise --latents")
     if x.ndim != 3 or x.shape[0] != S or x.shape[2] != d:
         raise UserError(f"batch has shape {tuple(x.shape)}, expected [{S}, batch, {d}]; the activations' width does not match the SAE's d_in")
-    if not torch.isfinite(x).all():
-        raise UserError("the activation batch contains NaN or Inf; re-harvest the activations (or check the hook)")
+    if not x.is_cuda:  # on CUDA this would stall the host once per step; the trainer checks its host batches
+        check_finite(x)
 
 
 def _batch_topk(params: StackParams, x: Tensor, cfg: StepConfig) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -177,12 +188,13 @@ def _batch_topk(params: StackParams, x: Tensor, cfg: StepConfig) -> tuple[Tensor
     return values, indices, pre, smallest
 
 
-def _auxk(params: StackParams, x: Tensor, pre: Tensor, residual: Tensor, dead: Tensor, cfg: StepConfig) -> Tensor:
-    """AuxK reconstruction error of ``residual`` from the top dead latents, per member, unnormalized."""
+def _auxk(params: StackParams, x: Tensor, pre: Tensor, residual: Tensor, dead: Tensor, n_dead: Tensor, m: int, cfg: StepConfig) -> Tensor:
+    """AuxK reconstruction error of ``residual`` from the top dead latents, per member, unnormalized.
+
+    ``n_dead`` [S] counts each member's dead latents and ``m >= 1`` is its maximum (on the host).
+    """
     S, B, d = x.shape
     k_aux = min(cfg.k_aux or d // 2, params.n_latents)
-    n_dead = dead.sum(1)
-    m = int(n_dead.max())
     k_eff = min(k_aux, m)
     if m <= params.n_latents // 2:
         # Few dead latents: select among their columns only (S x B x m, not S x B x n).
@@ -236,8 +248,10 @@ def sae_step_loss(
     fvu = (x_hat - x).pow(2).sum((1, 2)) / total_variance
 
     dead = state.tokens_since_fired >= cfg.dead_tokens_threshold
-    if cfg.auxk and bool(dead.any()):
-        auxk = _auxk(params, x, pre, (x - x_hat).detach(), dead, cfg) / total_variance
+    n_dead = dead.sum(1)
+    m = int(n_dead.max()) if cfg.auxk else 0  # the step's one host sync
+    if m > 0:
+        auxk = _auxk(params, x, pre, (x - x_hat).detach(), dead, n_dead, m, cfg) / total_variance
     else:
         auxk = torch.zeros_like(fvu)
     loss = (fvu + cfg.aux_coef * auxk).sum()
@@ -261,10 +275,10 @@ def constrain_decoder_grad(params: StackParams) -> None:
     """Remove from ``W_dec.grad`` each row's component parallel to that (unit) decoder row."""
     grad, w = params.W_dec.grad, params.W_dec
     if grad is not None:
-        grad.sub_((grad * w).sum(-1, keepdim=True) * w)
+        grad.addcmul_(torch.linalg.vecdot(grad, w).unsqueeze(-1), w, value=-1.0)
 
 
 @torch.no_grad()
 def normalize_decoder(params: StackParams) -> None:
     """Rescale every decoder row to unit norm (call after ``optimizer.step()``)."""
-    params.W_dec.div_(params.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+    params.W_dec.div_(torch.linalg.vector_norm(params.W_dec, dim=-1, keepdim=True).clamp_min_(1e-12))

@@ -33,7 +33,7 @@ from saes.distributed import (
 )
 from saes.model import TopKSAE
 from saes.stacking import build_stack, load_stack_tensors, make_step_config, stack_tensors
-from saes.step import constrain_decoder_grad, input_scale, normalize_decoder, sae_step_loss
+from saes.step import check_finite, constrain_decoder_grad, input_scale, normalize_decoder, sae_step_loss
 from saes.streams import open_stream
 from saes.training_log import MetricsLog, progress_bar
 
@@ -162,6 +162,9 @@ class _Run:
     def _step(self, batch: dict[str, Tensor], step: int) -> list[dict[str, Tensor]]:
         """One optimizer step on every stack; returns each stack's metrics ``{name: [S]}``."""
         cfg, device = self.cfg, self.ctx.device
+        if device.type == "cuda":  # the CUDA step skips this check (a host sync); check the batch before it moves
+            for h in self.hooks:
+                check_finite(batch[h])
         x_by_hook = {h: batch[h].to(device, non_blocking=True).float() * self.scales[h] for h in self.hooks}
         ddp = self.ctx.mode == "ddp"
         xs = []

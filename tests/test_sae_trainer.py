@@ -184,14 +184,20 @@ def test_metrics_saved_saes_and_epoch_rollover(store, tmp_path):
     torch.testing.assert_close(sae.W_dec, saes[sae_name(HOOKS[0], 32, 4)].W_dec)
 
 
-def test_recovers_known_sparse_directions(tmp_path):
+def known_directions_problem(tmp_path, device: str = "cpu") -> tuple[ActivationStore, TrainConfig, torch.Tensor, torch.Tensor]:
+    """8,192 rows mixing 2 of 16 known unit directions (d 32), their store, a training config, the data and the directions."""
     gen = torch.Generator().manual_seed(3)
     dirs = torch.nn.functional.normalize(torch.randn(16, 32, generator=gen), dim=-1)
     coef = (torch.rand(8192, 16, generator=gen) < 2 / 16) * (1 + torch.rand(8192, 16, generator=gen))
     x = coef @ dirs + 0.01 * torch.randn(8192, 32, generator=gen)
     store = ActivationStore.from_tensors(tmp_path / "gt", {"h": x}, shard_rows=4096)
     cfg = _cfg(hooks=["h"], settings=[(48, 2)], n_tokens=150 * 128, batch_size=128, lr=1e-2, checkpoint_every=0,
-               log_every=50, init_sample_rows=2048, b_dec_init="geometric_median", dead_tokens_threshold=1024)
+               log_every=50, init_sample_rows=2048, b_dec_init="geometric_median", dead_tokens_threshold=1024, device=device)
+    return store, cfg, x, dirs
+
+
+def test_recovers_known_sparse_directions(tmp_path):
+    store, cfg, _, dirs = known_directions_problem(tmp_path)
     sae = train(store, cfg, tmp_path / "run")[sae_name("h", 48, 2)]
     cos = torch.nn.functional.normalize(sae.W_dec.detach(), dim=-1) @ dirs.T
     assert (cos.max(0).values > 0.9).float().mean() >= 0.9

@@ -1,0 +1,191 @@
+"""CUDA paths: compiled Triton kernels, the bf16 training step, the trainer, harvest and steered generation.
+
+These need a CUDA GPU, so CI (CPU only) skips them; they run on the lent GPU machine
+(`pytest tests/test_cuda.py`) and their result is recorded in benchmarks/RESULTS.md with the device.
+Every check compares the CUDA result with a CPU or float64 reference computed in the same test.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on a GPU machine; see benchmarks/RESULTS.md)")
+
+CUDA = torch.device("cuda")
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """``||a - b|| / ||b||`` in float64 on the CPU (NaN never passes a ``<`` check)."""
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def _indices(S, B, n, k, gen):
+    return torch.stack([torch.stack([torch.randperm(n, generator=gen)[:k] for _ in range(B)]) for _ in range(S)])
+
+
+@pytest.mark.parametrize("S,B,d,n,k", [(1, 64, 100, 300, 33), (3, 257, 768, 2048, 32)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_triton_kernels_match_float64_reference(S, B, d, n, k, dtype):
+    from saes import kernels, triton_kernels
+
+    if not triton_kernels.AVAILABLE:
+        pytest.skip("triton is not installed")
+    gen = torch.Generator().manual_seed(S * 7 + d)
+    idx = _indices(S, B, n, k, gen)
+    values, W_dec, dense = (torch.randn(shape, generator=gen, dtype=torch.float64) for shape in [(S, B, k), (S, n, d), (S, B, d)])
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    on = {name: t.to(CUDA, dtype) for name, t in dict(values=values, W_dec=W_dec, dense=dense).items()}
+    on_idx = idx.to(CUDA)
+    # Poison-free outputs: every element must be written (fresh tensors each call) and match float64.
+    f = torch.zeros(S, B, n, dtype=torch.float64).scatter(-1, idx, values)
+    want_scatter = torch.einsum("sbn,sbd->snd", f, dense)
+    want_gather = torch.einsum("sbd,snd->sbn", dense, W_dec).gather(-1, idx)
+    want_decode = torch.einsum("sbn,snd->sbd", f, W_dec)
+    for label, got, want in [
+        ("scatter_rows", triton_kernels.scatter_rows(on["values"], on_idx, on["dense"], n), want_scatter),
+        ("gather_dot", triton_kernels.gather_dot(on["dense"], on["W_dec"], on_idx), want_gather),
+        ("sparse_decode", triton_kernels.sparse_decode(on["values"], on_idx, on["W_dec"]), want_decode),
+    ]:
+        assert torch.isfinite(got).all(), label
+        assert _rel(got, want) < tol, (label, _rel(got, want))
+    # The dispatcher in saes.kernels routes CUDA tensors here unless INTERP_TRITON=0.
+    assert kernels._triton_for(on["dense"]) is triton_kernels
+
+
+def test_triton_and_torch_paths_agree_on_cuda(monkeypatch):
+    from saes import kernels
+
+    gen = torch.Generator().manual_seed(5)
+    S, B, d, n, k = 2, 300, 96, 512, 16
+    idx = _indices(S, B, n, k, gen).to(CUDA)
+    values, W_dec, probe = (torch.randn(shape, generator=gen).to(CUDA) for shape in [(S, B, k), (S, n, d), (S, B, d)])
+    results = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv("INTERP_TRITON", flag)
+        v, w = values.clone().requires_grad_(), W_dec.clone().requires_grad_()
+        out = kernels.sparse_decode(v, idx, w)
+        results[flag] = (out, *torch.autograd.grad((out * probe).sum(), [v, w]))
+    for a, b in zip(results["1"], results["0"]):
+        assert _rel(a, b) < 1e-5
+
+
+def test_bf16_step_gradients_match_float64_dense_reference():
+    """On CUDA the encoder GEMM is bf16: the selected latents and gradients must still match a dense float64 step."""
+    from saes.kernels import encode_topk, sparse_decode
+
+    gen = torch.Generator().manual_seed(11)
+    S, B, d, n, k = 2, 512, 128, 1024, 16
+    p = {"W_enc": torch.randn(S, d, n, generator=gen) / d**0.5, "b_enc": torch.randn(S, n, generator=gen) * 0.1,
+         "W_dec": torch.randn(S, n, d, generator=gen) / d**0.5, "b_dec": torch.randn(S, d, generator=gen) * 0.1}
+    x = torch.randn(S, B, d, generator=gen)
+    q = {name: t.to(CUDA).requires_grad_() for name, t in p.items()}
+    values, indices, _ = encode_topk(x.to(CUDA), q["W_enc"], q["b_enc"], q["b_dec"], k)
+    x_hat = sparse_decode(values, indices, q["W_dec"]) + q["b_dec"][:, None]
+    grads = torch.autograd.grad((x_hat - x.to(CUDA)).pow(2).sum(), list(q.values()))
+
+    # Dense float64 reference on the CPU, with the latents the bf16 encoder selected.
+    r = {name: t.double().requires_grad_() for name, t in p.items()}
+    pre = torch.einsum("sbd,sdn->sbn", x.double() - r["b_dec"][:, None], r["W_enc"]) + r["b_enc"][:, None]
+    idx = indices.cpu()
+    f = torch.zeros_like(pre).scatter(-1, idx, pre.gather(-1, idx).relu())
+    ref_hat = torch.einsum("sbn,snd->sbd", f, r["W_dec"]) + r["b_dec"][:, None]
+    ref_grads = torch.autograd.grad((ref_hat - x.double()).pow(2).sum(), list(r.values()))
+    # The bf16 selection is the true top-k up to near-ties: >= 97 % of the picks agree.
+    true_idx = pre.detach().topk(k, dim=-1).indices
+    agree = (torch.zeros_like(pre, dtype=torch.bool).scatter(-1, idx, True) & torch.zeros_like(pre, dtype=torch.bool).scatter(-1, true_idx, True)).sum()
+    assert float(agree) / idx.numel() > 0.97
+    assert _rel(x_hat, ref_hat) < 1e-2
+    for name, got, want in zip(p, grads, ref_grads):
+        assert _rel(got, want) < 2e-2, (name, _rel(got, want))
+
+
+def test_trainer_on_cuda_recovers_directions_like_the_cpu_run(tmp_path):
+    from test_sae_trainer import known_directions_problem
+
+    from saes.config import sae_name
+    from saes.trainer import train
+
+    runs = {}
+    for device in ("cuda", "cpu"):
+        store, cfg, x, dirs = known_directions_problem(tmp_path / device, device=device)
+        runs[device] = train(store, cfg, tmp_path / device / "run")[sae_name("h", 48, 2)]
+    fvu = {}
+    for device, sae in runs.items():
+        cos = torch.nn.functional.normalize(sae.W_dec.detach().cpu().float(), dim=-1) @ dirs.T
+        assert (cos.max(0).values > 0.9).float().mean() >= 0.9, device
+        with torch.no_grad():
+            x_hat = sae.cpu().float()(x)
+        fvu[device] = float((x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
+    assert fvu["cuda"] < fvu["cpu"] + 0.02, fvu
+
+
+def _pair():
+    """The same tiny random Llama twice: a CPU copy and a CUDA copy (checked to stay where they were put)."""
+    from steering_fixtures import tiny_llama
+
+    from interp.models import model_device
+
+    cpu = tiny_llama()  # cached and shared with other test modules: build a fresh copy for the GPU
+    gpu = tiny_llama.__wrapped__().to(CUDA)
+    assert model_device(cpu).type == "cpu" and model_device(gpu).type == "cuda"
+    return cpu, gpu
+
+
+def test_harvest_on_cuda_matches_cpu(tmp_path):
+    import interp
+    from interp.models import model_device
+
+    hooks = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
+    tokens = torch.randint(5, 1000, (8, 24), generator=torch.Generator().manual_seed(0))
+    stores = {}
+    for model, name in zip(_pair(), ("cpu", "cuda")):
+        stores[name] = interp.harvest(model, tokens, hooks, n_tokens=8 * 23, batch_size=4, out=tmp_path / name, progress=False)
+        assert model_device(model).type == name
+    for h in hooks:
+        a, b = stores["cuda"].read(h), stores["cpu"].read(h)
+        assert a.shape == b.shape
+        assert _rel(a, b) < 2e-2  # bf16 autocast on CUDA, fp32 on the CPU
+
+
+def test_steered_generation_on_cuda_kv_cache_batch_and_cpu_parity():
+    import interp
+    from steering_fixtures import ToyTopKSAE
+
+    cpu, gpu = _pair()
+    hook = "blocks.0.hook_resid_post"
+    prompts = ["The cat sat", "Hello there, how are you doing today?", "A", "Numbers: 1 2 3 4"]
+    vec = torch.randn(64, generator=torch.Generator().manual_seed(3))
+
+    def run(model, device, **kw):
+        sae = ToyTopKSAE(64, 96, k=8, hook_name=hook, seed=1).to(device)
+        ivs = [interp.Clamp(sae, [2, 9], [6.0, 3.0]), interp.Add("blocks.1.hook_resid_pre", vec.to(device), 8.0, positions="generated")]
+        return interp.generate(model, prompts, ivs, max_new_tokens=6, temperature=0, return_logits=True, **kw)
+
+    on_cpu = run(cpu, "cpu")
+    cached, full, single = run(gpu, CUDA), run(gpu, CUDA, use_kv_cache=False), run(gpu, CUDA, batch_size=1)
+    for other, gap in [(full, 0.05), (single, 0.05), (on_cpu, 0.1)]:
+        for la, lb, ta, tb in zip(cached.logits, other.logits, cached.tokens, other.tokens):
+            scale = float(lb.abs().max())
+            # First-step logits agree to bf16 precision; greedy tokens agree until a near tie.
+            assert float((la[0].float().cpu() - lb[0].float().cpu()).abs().max()) < 0.03 * scale
+            for step_logits, x, y in zip(la, ta.tolist(), tb.tolist()):
+                top2 = step_logits.float().topk(2).values
+                if float(top2[0] - top2[1]) < gap * scale:
+                    break
+                assert x == y
+
+
+def test_left_padded_generation_of_a_bf16_model_on_cuda_is_finite_and_matches_one_by_one():
+    import interp
+    from steering_fixtures import tiny_llama
+
+    model = tiny_llama.__wrapped__().to(CUDA, torch.bfloat16)
+    prompts = ["The cat sat", "Hello there, how are you doing today?", "A"]
+    batched = interp.generate(model, prompts, [], max_new_tokens=4, temperature=0, return_logits=True, batch_size=3)
+    single = interp.generate(model, prompts, [], max_new_tokens=4, temperature=0, return_logits=True, batch_size=1)
+    for la, lb in zip(batched.logits, single.logits):
+        assert torch.isfinite(la).all() and torch.isfinite(lb).all()
+        scale = float(lb.abs().max())
+        assert float((la[0].float() - lb[0].float()).abs().max()) < 0.05 * scale

@@ -45,6 +45,7 @@ def fvu(x: torch.Tensor, x_hat: torch.Tensor) -> float:
 
 
 DEVICE = torch.device("cpu")
+ENC_INIT_SCALE = 1.0
 
 
 def matmul_flops(batch: int, d_in: int, n: int, repeats: int = 3) -> tuple[float, float]:
@@ -80,7 +81,7 @@ def _autocast():
 
 def ours(d_in, n, k, data, sample):
     """Our stacked sparse step with S = 1; returns (step fn, reconstruct fn)."""
-    params = init_stack(1, d_in, n, sample=sample[None].cpu(), seed=0).to(DEVICE)
+    params = init_stack(1, d_in, n, sample=sample[None].cpu(), seed=0, enc_init_scale=ENC_INIT_SCALE).to(DEVICE)
     state = [init_state(1, n, device=DEVICE)]
     cfg = StepConfig(k=k)
     opt = torch.optim.Adam(params.parameters(), lr=2e-4 / (n / 2**14) ** 0.5, fused=True)
@@ -103,7 +104,7 @@ def ours(d_in, n, k, data, sample):
 
 def dense_reference(d_in, n, k, data, sample):
     """The same objective with dense autograd (dense [B, n] gradients, dense weight-grad GEMMs)."""
-    params = init_stack(1, d_in, n, sample=sample[None].cpu(), seed=0)
+    params = init_stack(1, d_in, n, sample=sample[None].cpu(), seed=0, enc_init_scale=ENC_INIT_SCALE)
     W_enc, b_enc, W_dec, b_dec = (p[0].detach().to(DEVICE).clone().requires_grad_() for p in params.parameters())
     opt = torch.optim.Adam([W_enc, b_enc, W_dec, b_dec], lr=2e-4 / (n / 2**14) ** 0.5, fused=True)
 
@@ -179,9 +180,10 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (allocations, Triton compiles)")
     parser.add_argument("--profile", action="store_true", help="print our step's operator profile per size")
+    parser.add_argument("--enc-init-scale", type=float, default=1.0, help="ours and dense: W_enc = s * W_dec^T at init (0.58: sparsify's)")
     args = parser.parse_args()
-    global DEVICE
-    DEVICE = torch.device(args.device)
+    global DEVICE, ENC_INIT_SCALE
+    DEVICE, ENC_INIT_SCALE = torch.device(args.device), args.enc_init_scale
     if DEVICE.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}")

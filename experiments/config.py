@@ -98,6 +98,8 @@ class SAEConfig:
     """Train BatchTopK instead of per-token TopK."""
     auxk: bool = True
     """AuxK loss on dead latents."""
+    enc_init_scale: float = 1.0
+    """Encoder init W_enc = enc_init_scale * W_dec^T (1: Gao et al.; 0.58: eai-sparsify's scale)."""
     checkpoint_every: int = 200
     """Steps between atomic checkpoints."""
 
@@ -105,6 +107,8 @@ class SAEConfig:
         _positive(where, n_tokens=self.n_tokens, batch_size=self.batch_size, checkpoint_every=self.checkpoint_every)
         if self.lr < 0:
             raise UserError(f"{where}.lr = {self.lr} must be >= 0 (0 = default rule)")
+        if not self.enc_init_scale > 0:
+            raise UserError(f"{where}.enc_init_scale = {self.enc_init_scale} must be > 0 (1 = transpose init)")
         if not self.settings:
             raise UserError(f"{where}.settings is empty; add e.g. {{ n_latents = 4096, k = 32 }}")
 

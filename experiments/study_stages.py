@@ -36,7 +36,7 @@ def build(cfg: StudyConfig, model: Any, log: Callable[[dict], None], progress: b
         tcfg = saes.TrainConfig(
             hooks=list(h.hooks), settings=[(x.n_latents, x.k) for x in s.settings], n_tokens=s.n_tokens,
             batch_size=s.batch_size, lr=s.lr or None, seed=cfg.seed, batch_topk=s.batch_topk, auxk=s.auxk,
-            checkpoint_every=s.checkpoint_every, progress=progress,
+            enc_init_scale=s.enc_init_scale, checkpoint_every=s.checkpoint_every, progress=progress,
         )
         trained = saes.train(results["harvest"].directory / "store", tcfg, directory / "saes")
         rows = saes.read_metrics(directory / "saes" / "metrics.jsonl")

@@ -21,9 +21,10 @@ __all__ = ["build_stack", "make_step_config", "stack_tensors", "load_stack_tenso
 
 
 def build_stack(d_in: int, n_latents: int, samples: list[Float[Tensor, "N d_in"]], seeds: list[int], b_dec_init: str,
-                device: torch.device) -> tuple[StackParams, StepState]:
+                device: torch.device, enc_init_scale: float = 1.0) -> tuple[StackParams, StepState]:
     """A ``StackParams`` of ``len(samples)`` members (member i from ``samples[i]`` and ``seeds[i]``) and its fresh state."""
-    singles = [init_stack(1, d_in, n_latents, sample[None], b_dec_init=b_dec_init, seed=seed) for sample, seed in zip(samples, seeds)]
+    singles = [init_stack(1, d_in, n_latents, sample[None], b_dec_init=b_dec_init, seed=seed, enc_init_scale=enc_init_scale)
+               for sample, seed in zip(samples, seeds)]
     params = StackParams(len(singles), d_in, n_latents, device=device)
     with torch.no_grad():
         for name, value in params.named_parameters():

@@ -130,13 +130,17 @@ def input_scale(sample: Float[Tensor, "S N d"]) -> Float[Tensor, "S"]:
 def init_stack(
     S: int, d_in: int, n_latents: int, sample: Float[Tensor, "S N d"] | None = None,
     b_dec_init: str = "geometric_median", seed: int = 0, device: str | torch.device | None = None,
+    enc_init_scale: float = 1.0,
 ) -> StackParams:
-    """Random unit-norm decoder rows, ``W_enc = W_dec^T``, ``b_enc = 0``, ``b_dec`` from ``sample``.
+    """Random unit-norm decoder rows, ``W_enc = enc_init_scale * W_dec^T``, ``b_enc = 0``, ``b_dec`` from ``sample``.
 
-    ``sample`` holds already-scaled activations per member; without it ``b_dec = 0``.
+    ``sample`` holds already-scaled activations per member; without it ``b_dec = 0``. The default
+    scale 1 is Gao et al.'s transpose init; 0.58 matches eai-sparsify's ``nn.Linear`` encoder init.
     """
     if b_dec_init not in ("geometric_median", "mean"):
         raise UserError(f"b_dec_init must be 'geometric_median' or 'mean', got {b_dec_init!r}")
+    if not enc_init_scale > 0:
+        raise UserError(f"enc_init_scale must be > 0, got {enc_init_scale}")
     if sample is not None and tuple(sample.shape[::2]) != (S, d_in):
         raise UserError(f"init sample has shape {tuple(sample.shape)}, expected [{S}, N, {d_in}]; pass one sample per stack member")
     params = StackParams(S, d_in, n_latents, device=device)
@@ -145,7 +149,7 @@ def init_stack(
     W_dec /= W_dec.norm(dim=-1, keepdim=True)
     with torch.no_grad():
         params.W_dec.copy_(W_dec)
-        params.W_enc.copy_(W_dec.transpose(1, 2))
+        params.W_enc.copy_(enc_init_scale * W_dec.transpose(1, 2))
         if sample is not None:
             params.b_dec.copy_(geometric_median(sample) if b_dec_init == "geometric_median" else sample.float().mean(1))
     return params

@@ -117,7 +117,8 @@ class _Run:
         stacks = []
         for (d_in, n, k), members in groups.items():
             params, state = build_stack(d_in, n, [samples[h] for h, _, _ in members],
-                                        [member_seed(self.cfg.seed, *m) for m in members], self.cfg.b_dec_init, self.ctx.device)
+                                        [member_seed(self.cfg.seed, *m) for m in members], self.cfg.b_dec_init, self.ctx.device,
+                                        self.cfg.enc_init_scale)
             stacks.append(_Stack(members, params, state, make_step_config(self.cfg, k), self.cfg.lr_for(n)))
         return stacks
 

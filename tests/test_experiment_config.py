@@ -43,6 +43,7 @@ def test_shipped_configs_parse(path):
         ("[probes]\npooling = 'max'\n", "use 'last' or 'mean'"),
         ("seed = true\n", "config.seed must be an integer"),
         ("[sae]\nauxk = 'yes'\n", "must be true or false"),
+        ("[sae]\nenc_init_scale = 0.0\n", "config.sae.enc_init_scale = 0.0 must be > 0"),
         ("[harvest\n", "not valid TOML"),
         ("modle = 1\n", "unknown key config.modle (did you mean: model?)"),
     ],

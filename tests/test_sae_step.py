@@ -167,6 +167,10 @@ def test_geometric_median_and_init():
     assert torch.allclose(params.b_dec[0], m, atol=1e-4) and (params.b_enc == 0).all()
     mean_init = init_stack(2, 5, 12, sample=torch.cat([cloud, cloud * 2]), b_dec_init="mean")
     assert torch.allclose(mean_init.b_dec[1], 2 * cloud[0].mean(0), atol=1e-5)
+    scaled = init_stack(2, 5, 12, seed=1, enc_init_scale=0.58)
+    assert torch.equal(scaled.W_dec, params.W_dec) and torch.allclose(scaled.W_enc, 0.58 * params.W_dec.transpose(1, 2))
+    with pytest.raises(UserError, match="enc_init_scale"):
+        init_stack(1, 5, 12, enc_init_scale=0.0)
 
 
 def test_input_scale_gives_unit_mean_square_per_dimension():

@@ -11,6 +11,7 @@ from experiments.config import StudyConfig
 from experiments.configparse import to_plain
 from experiments.stages import Stage, StageResult
 from interp.files import atomic_write_json
+from interp.models import model_device
 
 __all__ = ["build"]
 
@@ -26,6 +27,10 @@ def build(cfg: StudyConfig, model: Any, log: Callable[[dict], None], progress: b
 
     h, s = cfg.harvest, cfg.sae
     model_id = cfg.model.name
+
+    def load_sae(directory: Path) -> Any:
+        """The trained SAE on the model's device (stages on a CUDA model would otherwise mix devices)."""
+        return saes.load(directory, device=model_device(model))
 
     def harvest(directory: Path, results: dict) -> dict:
         store = interp.harvest(model, h.corpus, h.hooks, h.n_tokens, ctx=h.ctx, batch_size=h.batch_size,
@@ -55,7 +60,7 @@ def build(cfg: StudyConfig, model: Any, log: Callable[[dict], None], progress: b
     def evaluate(directory: Path, results: dict) -> dict:
         summary = {}
         for sae_dir in _sae_dirs(results):
-            sae = saes.load(sae_dir)
+            sae = load_sae(sae_dir)
             out = directory / sae_dir.name / "eval.json"
             metrics = saes.evaluate(sae, model, h.corpus, n_tokens=cfg.eval.n_tokens, ctx=h.ctx,
                                     batch_size=h.batch_size, seed=cfg.seed, out=out, progress=progress)
@@ -68,7 +73,7 @@ def build(cfg: StudyConfig, model: Any, log: Callable[[dict], None], progress: b
     def dashboard(directory: Path, results: dict) -> dict:
         pages = {}
         for sae_dir in _sae_dirs(results):
-            sae = saes.load(sae_dir)
+            sae = load_sae(sae_dir)
             scan = saes.scan_features(sae, model, h.corpus, n_tokens=cfg.dashboard.n_tokens, ctx=h.ctx,
                                       batch_size=h.batch_size, seed=cfg.seed, progress=progress)
             # Stats go beside the SAE too: loading it then fills max_activations ("10x" clamps).
@@ -103,7 +108,7 @@ def build(cfg: StudyConfig, model: Any, log: Callable[[dict], None], progress: b
 
         st = cfg.steer
         sae_dir = _sae_dirs(results)[0]
-        sae = saes.load(sae_dir)
+        sae = load_sae(sae_dir)
         if sae.max_activations is None:
             scan = saes.scan_features(sae, model, h.corpus, n_tokens=cfg.dashboard.n_tokens, ctx=h.ctx, seed=cfg.seed, progress=progress)
             sae.max_activations = scan.max_activations

@@ -56,7 +56,7 @@ class _Reconstruction:
         self.fire_counts = torch.zeros(n_latents, dtype=torch.long)
 
     def update(self, x: Float[Tensor, "n d_in"], f: Float[Tensor, "n n_latents"], x_hat: Float[Tensor, "n d_in"]) -> None:
-        x, x_hat = x.double(), x_hat.double()
+        x, x_hat = x.double(), x_hat.to(x.device, torch.float64)  # the SAE may sit on another device
         fired = f > 0
         self.n += x.shape[0]
         self.sse += float(((x - x_hat) ** 2).sum())

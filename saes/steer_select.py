@@ -166,11 +166,11 @@ def steering_effect(
         scored = slice(len(prompt), len(seq))
 
         def clamp_rows(x: Tensor, hook: Any) -> Tensor:
-            xs = x[1:, start:].to(w_dec.dtype)
+            xs = x[1:, start:].to(w_dec.device, w_dec.dtype)
             f = sae.encode(xs).gather(-1, idx[:, None, None].expand(-1, xs.shape[1], 1))  # [features, pos, 1]
             delta = (values.to(f)[:, None, None] - f) * w_dec[idx][:, None, :]
             x = x.clone()
-            x[1:, start:] = (xs + delta).to(x.dtype)
+            x[1:, start:] = (xs + delta).to(x.device, x.dtype)
             return x
 
         with torch.inference_mode(), model.hooks(fwd_hooks=[(sae.hook_name, clamp_rows)]):

@@ -44,7 +44,7 @@ def test_eval_sae_writes_eval_json(workdir):
     assert "ce_loss_recovered" in result.output
     saved = json.loads((workdir / "sae" / "eval.json").read_text())
     # Same numbers as the library call on the same held-out windows (3 windows of 15 tokens).
-    model = load_model("tiny-random")
+    model = load_model("tiny-random", device="cpu")
     windows = pack_windows(model.tokenizer, load_corpus(str(workdir / "corpus.jsonl"), split="eval"), ctx=16, n_tokens=48, seed=0)
     direct = evaluate(load(workdir / "sae"), model, windows, n_tokens=45, progress=False)
     for key in ("fvu", "l0", "ce_loss_spliced", "kl_clean_spliced"):

@@ -13,10 +13,11 @@ for ``penalty="l1"``); dividing by ``C·N`` gives the same minimiser with ``l2 =
 ``l1 = 1/(C·N)``), N the number of training items: :func:`l2_from_sklearn_c`.
 
 Without L1 the solver is a batched truncated Newton (:func:`probes.solvers.truncated_newton`:
-Jacobi-preconditioned conjugate gradient on Hessian-vector products, line search on logits
-tracked by linearity, so a CG step is the only pass over the features); on CPU it runs on
+conjugate gradient on Hessian-vector products, preconditioned by each problem's top feature
+covariance eigenpairs (:mod:`probes.precondition`, one randomised sketch per problem), line search
+on logits tracked by linearity, so a CG step is the only pass over the features); on CPU it runs on
 cache-sized chunks of problems, so that each chunk's CG stops with its own columns, and each
-chunk starts from the previous one's solution. With L1 it is FISTA (:func:`probes.solvers.fista`).
+chunk starts from the previous one's solution (or from zero where that is worse). With L1 it is FISTA (:func:`probes.solvers.fista`).
 Features are standardised on the training rows by default and the weights folded back into the
 raw space, so the penalty acts on standardised weights (as with a ``StandardScaler`` in front of
 scikit-learn).
@@ -31,6 +32,7 @@ from einops import repeat
 from jaxtyping import Float
 from torch import Tensor
 
+from probes.precondition import LowRankPreconditioner
 from probes.solvers import Design, fista, truncated_newton
 
 __all__ = ["LinearFit", "fit_logistic", "fit_mass_mean", "l2_from_sklearn_c", "sklearn_c_from_l2"]
@@ -108,6 +110,7 @@ def fit_logistic(
     max_iter: int | None = None,
     tol: float = 1e-4,
     cg_iter: int = 20,
+    precond_rank: int = 32,
 ) -> LinearFit:
     """Fit ``P × R`` (or ``P × S × R``) logistic-regression probes, labels in {0, 1}, as one batch.
 
@@ -117,7 +120,9 @@ def fit_logistic(
     sizes share one padded tensor). With ``early_stopping`` the iterate with the lowest
     validation loss is kept and a column stops after ``patience`` iterations without improvement.
     A column has converged when ``max |gradient| ≤ tol`` of the objective above: the same scale
-    and criterion as scikit-learn's ``tol`` (default 1e-4) for its lbfgs solver.
+    and criterion as scikit-learn's ``tol`` (default 1e-4) for its lbfgs solver. ``precond_rank``
+    eigenpairs of each problem's feature covariance precondition the Newton systems (standardised
+    features only; 0: Jacobi); the minimiser does not depend on it.
     """
     p, n, d = x.shape
     sets = y.dim() == 3
@@ -144,13 +149,25 @@ def fit_logistic(
     w = torch.zeros(p, c_count, d + 1, device=x.device, dtype=x.dtype)
     n_iter = torch.zeros(p, c_count, dtype=torch.long, device=x.device)
     converged = torch.zeros(p, c_count, dtype=torch.bool, device=x.device)
-    # Chunks of problems are standardised and solved in turn (FISTA: all at once), reusing buffers.
-    chunk = p if l1 > 0 else _chunk_size(x)
     design = val_design = None
+    # The low-rank preconditioner assumes standardised features (the bias then decouples) and needs
+    # at least single precision (a half-precision basis is far from orthonormal): else Jacobi.
+    rank = precond_rank if standardize and l1 == 0 and torch.finfo(x.dtype).bits >= 32 else 0
+    chunk = p if l1 > 0 else _chunk_size(x)
+    if rank > 0:
+        omega = LowRankPreconditioner.test_matrix(d, rank, x.device, x.dtype)
+        sample = torch.empty(p, d, omega.shape[1], device=x.device, dtype=x.dtype)
+    # Statistics (and the preconditioner's sketch) per chunk while its features are in cache.
+    for start in range(0, p, chunk) if standardize else ():
+        sl = slice(start, start + chunk)
+        mean[sl], std[sl] = _standardise(x[sl], s[sl])
+        if rank > 0:
+            sample[sl] = LowRankPreconditioner.sample(x[sl], s[sl], mean[sl], std[sl], omega)
+    if rank > 0:
+        low_rank = LowRankPreconditioner.from_sample(sample, omega, rank)
+    # Chunks of problems are solved in turn (FISTA: all at once), reusing the design's buffers.
     for start in range(0, p, chunk):
         sl = slice(start, start + chunk)
-        if standardize:
-            mean[sl], std[sl] = _standardise(x[sl], s[sl])
         design = Design.standardised(x[sl], mean[sl], std[sl], reuse=design)
         if l1 > 0:
             w[sl], n_iter[sl], converged[sl] = fista(design, y_cols[sl], s[sl], lam, l1, w[sl], max_iter or 1000, tol)
@@ -163,7 +180,8 @@ def fit_logistic(
             # Warm start from the previous problem's solution (adjacent layers of a residual
             # stream have nearly the same standardised probe); early stopping starts at zero.
             w[sl] = w[start - 1]
-        w[sl], n_iter[sl], converged[sl] = truncated_newton(design, y_cols[sl], s[sl], lam, w[sl], val, max_iter or 100, tol, cg_iter, patience)
+        precond = low_rank.select(sl) if rank > 0 else None
+        w[sl], n_iter[sl], converged[sl] = truncated_newton(design, y_cols[sl], s[sl], lam, w[sl], val, max_iter or 100, tol, cg_iter, patience, precond)
     # Fold the standardisation back: w·(x-μ)/σ + b = (w/σ)·x + (b - Σ w·μ/σ).
     weight = w[..., :d] / std
     bias = w[..., d] - (weight * mean).sum(-1)

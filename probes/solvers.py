@@ -6,17 +6,24 @@ set, penalty) pair of that problem. Every solver minimises, per problem and colu
     f(w) = Σ_i s_i·BCE(x_i·w, y_i) + ½·Σ_j λ_j·w_j²  (+ l1·||w||₁ for FISTA, bias not shrunk)
 
 with ``s`` the row weights (mask / number of training rows: the mean over the rows) and ``λ`` zero
-on the bias. :func:`truncated_newton` is a batched inexact Newton (Jacobi-preconditioned conjugate
-gradient on Hessian-vector products, Nocedal & Wright 2006, Algorithm 7.1); :func:`fista` is
-FISTA (Beck & Teboulle 2009) with the L1 soft-threshold prox.
+on the bias. :func:`truncated_newton` is a batched inexact Newton (preconditioned conjugate gradient
+on Hessian-vector products, Nocedal & Wright 2006, Algorithm 7.1; the preconditioner is low-rank
+Nyström, :mod:`probes.precondition`, or Jacobi); :func:`fista` is FISTA (Beck & Teboulle 2009)
+with the L1 soft-threshold prox.
 """
 
 from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from jaxtyping import Bool, Float
 from torch import Tensor
+
+from probes.precondition import LowRankPreconditioner
 
 __all__ = ["Design", "fista", "truncated_newton"]
 
@@ -73,23 +80,24 @@ def objective(z: Tensor, w: Tensor, y: Tensor, s: Tensor, lam: Tensor) -> Float[
     return torch.linalg.vecdot(bce, s) + 0.5 * torch.linalg.vecdot(lam * w, w)
 
 
-def _cg(design: Design, h: Tensor, g: Tensor, lam: Tensor, precond: Tensor, done: Tensor, cg_iter: int, stop: float) -> tuple[Tensor, Tensor]:
+def _cg(design: Design, h: Tensor, g: Tensor, lam: Tensor, precond: Callable[[Tensor], Tensor], done: Tensor, cg_iter: int, stop: float) -> tuple[Tensor, Tensor]:
     """Inexact Newton direction ``Δ`` (``HΔ ≈ -g``, ``H = XᵀhX + λ``) and its logits ``XΔ``.
 
     ``XΔ`` is accumulated from the CG directions' logits (linearity), so the line search and the
-    next iterate's logits need no pass over the features. Columns in ``done`` are not waited for.
+    next iterate's logits need no pass over the features. Columns in ``done`` are not waited for;
+    ``precond`` maps a residual ``r`` to ``P⁻¹r``.
     """
     # Constant forcing term ||r|| ≤ 0.5·||g|| (linear local convergence, Dembo, Eisenstat & Steihaug
-    # 1982): measured on a 30-layer sweep, it takes 23% fewer CG steps than the superlinear
-    # min(0.5, sqrt||g||) of Nocedal & Wright's Algorithm 7.1 for 20% more (cheaper) Newton steps;
-    # Eisenstat-Walker forcing and fixed 0.3, 0.6, 0.7 were no better. Squared: compared with r·r.
-    # Columns in ``done`` count as solved from the start (an infinite tolerance).
-    tol2 = torch.where(done, float("inf"), 0.25 * torch.linalg.vecdot(g, g))
-    delta, zdelta = torch.zeros_like(g), torch.zeros_like(h)
+    # 1982), in the preconditioner's norm ``rᵀPr`` that CG computes anyway: measured on a 30-layer
+    # sweep, it takes 23% fewer CG steps than the superlinear min(0.5, sqrt||g||) of Nocedal &
+    # Wright's Algorithm 7.1 for 20% more (cheaper) Newton steps; Eisenstat-Walker forcing and fixed
+    # 0.3, 0.6, 0.7 were no better (with the low-rank preconditioner 0.6 and 0.7 were within 5% in
+    # CG + Newton steps). Columns in ``done`` count as solved from the start.
     r = -g
-    pr = precond * r
-    d = pr.clone()
-    rs = torch.linalg.vecdot(r, pr)
+    d = precond(r)
+    rs = torch.linalg.vecdot(r, d)
+    tol2 = torch.where(done, float("inf"), 0.25 * rs)
+    delta, zdelta = torch.zeros_like(g), torch.zeros_like(h)
     for _ in range(cg_iter):
         zd = design.logits(d)
         hd = torch.baddbmm(lam * d, h * zd, design.x)
@@ -97,46 +105,38 @@ def _cg(design: Design, h: Tensor, g: Tensor, lam: Tensor, precond: Tensor, done
         delta.addcmul_(alpha, d)
         zdelta.addcmul_(alpha, zd)
         r.addcmul_(alpha, hd, value=-1)
+        pr = precond(r)
+        rs_new = torch.linalg.vecdot(r, pr)
         # A residual below half the gradient tolerance already makes the next gradient (≈ r for
         # the quadratic model) pass the stopping test: solving further only costs passes.
-        solved = (torch.linalg.vecdot(r, r) <= tol2) | (torch.linalg.vector_norm(r, float("inf"), -1) <= stop)
-        if bool(solved.all()):
+        if bool(((rs_new <= tol2) | (torch.linalg.vector_norm(r, float("inf"), -1) <= stop)).all()):
             break
-        pr = precond * r
-        rs_new = torch.linalg.vecdot(r, pr)
         d = torch.addcmul(pr, (rs_new / rs.clamp_min(1e-30)).unsqueeze(-1), d)
         rs = rs_new
     return delta, zdelta
 
 
-def _line_search(z, zdelta, w, delta, y, s, lam, g, active, max_halvings: int = 20) -> tuple[Tensor, Tensor]:
-    """Backtracking (Armijo, c=1e-4) step per column from tracked logits (no feature pass);
-    inactive and stalled columns get step 0. Returns the steps ``[p, c]`` and the stalled mask.
+def _line_search(z, zdelta, w, delta, y, s, lam, g, active, base, max_halvings: int = 20) -> tuple[Tensor, Tensor, Tensor]:
+    """Backtracking (Armijo, c=1e-4) step per column from tracked logits (no feature pass), from
+    the objective ``base`` at the current iterate; inactive and stalled columns get step 0.
+    Returns the steps ``[p, c]``, the stalled mask and the objective at the new iterate.
 
     Near the optimum the decrease falls below the objective's rounding (float32: ~1e-8·f) and an
     exact Armijo test then halves a good Newton step to nothing: like Hager & Zhang's (2005)
     approximate Wolfe conditions, a step may exceed the Armijo bound by ``1e-6·|f|``.
     """
-    base = objective(z, w, y, s, lam)
-    slope = torch.linalg.vecdot(g, delta)
-    step = torch.ones_like(base)
-    todo = active.clone()
+    bound = base + 1e-6 * base.abs()
+    slope = 1e-4 * torch.linalg.vecdot(g, delta)
+    step, todo = active.to(z.dtype), active
     for _ in range(max_halvings):
         col = step[..., None]
         trial = objective(torch.addcmul(z, col, zdelta), torch.addcmul(w, col, delta), y, s, lam)
-        todo &= trial > base + 1e-4 * step * slope + 1e-6 * base.abs()
+        todo = todo & (trial > torch.addcmul(bound, step, slope))
         if not bool(todo.any()):
             break
         step = torch.where(todo, step * 0.5, step)
-    return torch.where(active & ~todo, step, torch.zeros_like(step)), todo
-
-
-def _running_columns(active: Bool[Tensor, "p c"]) -> Tensor:
-    """Indices of the columns to solve: those still running once at most a quarter of them are."""
-    on = active.any(0)
-    if 4 * int(on.sum()) <= on.numel():
-        return on.nonzero().squeeze(-1)
-    return torch.arange(on.numel(), device=on.device)
+    # The last trial evaluated every column at its final step (inactive ones at step 0).
+    return step.masked_fill(todo, 0.0), todo, torch.where(todo, base, trial)
 
 
 def truncated_newton(
@@ -150,11 +150,13 @@ def truncated_newton(
     tol: float,
     cg_iter: int,
     patience: int,
+    low_rank: LowRankPreconditioner | None = None,
 ) -> tuple[Tensor, Tensor, Bool[Tensor, "p c"]]:
     """Minimise ``f`` for every column of ``w`` (updated in place) until ``max |∇f| ≤ tol``.
 
     ``val`` = (design, labels, row weights) of a validation split: the iterate with the lowest
     validation loss is returned and a column stops after ``patience`` steps without improvement.
+    ``low_rank`` preconditions CG (standardised features only); without it, Jacobi does.
     Returns the weights, the Newton steps taken and whether each column stopped before ``max_iter``.
     """
     p, c_count, _ = w.shape
@@ -164,50 +166,71 @@ def truncated_newton(
         best_w, best_val = w.clone(), torch.full((p, c_count), float("inf"), device=w.device, dtype=w.dtype)
         best_iter, stale = n_iter.clone(), torch.zeros_like(n_iter)
     z = design.logits(w)
-    design.sq_mean(s)
+    # A warm start worse than the origin (f(0) = log 2 for any labels) starts at the origin.
+    f = objective(z, w, y, s, lam)
+    worse = f > math.log(2.0)
+    w.masked_fill_(worse[..., None], 0.0)
+    z.masked_fill_(worse[..., None], 0.0)
+    f.masked_fill_(worse, math.log(2.0))
+    # The working set: problems with a column still running and, once at most a quarter of the
+    # columns run, only those (a 1-column GEMM costs half a 4-column one on CPU; 2 or 3 cost as 4).
+    # It starts as views of the full tensors and is gathered anew only when it shrinks (rarely).
+    rows, cols = torch.arange(p, device=w.device), torch.arange(c_count, device=w.device)
+    at = (rows[:, None], cols)
+    ws, zs, fs, ys, ss, lams, act, its, sub = w, z, f, y, s, lam, active, n_iter, design
+    n_on = act.numel()
+    sq = design.sq_mean(s) if low_rank is None else None
+    sub_low_rank = low_rank
     for _ in range(max_iter):
-        # Only problems with a column still running are solved, and only their running columns once
-        # few are left: on CPU a 1-column GEMM costs half a 4-column one (2 or 3 columns cost as 4).
-        rows = active.any(1).nonzero().squeeze(-1)
-        if rows.numel() == 0:
-            break
-        cols = _running_columns(active)
-        at = (rows[:, None], cols)
-        sub = design.select(rows)
-        ws, zs, ys, ss, lams = w[at], z[at], y[at], s[rows], lam[cols]
         prob = torch.sigmoid(zs)
         g = torch.baddbmm(lams * ws, (prob - ys) * ss, sub.x)
-        act = active[at] & (g.abs().amax(-1) > tol)
-        active[at] = act
-        if not bool(act.any()):
-            continue
-        narrow = _running_columns(act)
-        if narrow.numel() < cols.numel():
-            cols, at = cols[narrow], (rows[:, None], cols[narrow])
-            ws, zs, ys, lams, prob, g, act = ws[:, narrow], zs[:, narrow], ys[:, narrow], lams[narrow], prob[:, narrow], g[:, narrow], act[:, narrow]
+        act &= g.abs().amax(-1) > tol
+        # The working set can only shrink when a column has stopped since the last look.
+        n_on, n_was = int(act.sum()), n_on
+        if n_on == 0:
+            break
+        if n_on < n_was:
+            row_on, col_on = act.any(1), act.any(0)
+            n_rows, n_cols = int(row_on.sum()), int(col_on.sum())
+            narrow = 4 * n_cols <= c_count and n_cols < cols.numel()
+            if n_rows < rows.numel() or narrow:
+                if ws is not w:
+                    w[at], z[at], active[at], n_iter[at] = ws, zs, act, its
+                keep_r = row_on.nonzero().squeeze(-1)
+                keep_c = col_on.nonzero().squeeze(-1) if narrow else torch.arange(cols.numel(), device=w.device)
+                rows, cols = rows[keep_r], cols[keep_c]
+                at, sel = (rows[:, None], cols), (keep_r[:, None], keep_c)
+                ws, zs, fs, ys, act, its, g, prob = ws[sel], zs[sel], fs[sel], ys[sel], act[sel], its[sel], g[sel], prob[sel]
+                ss, lams, sub = s[rows], lam[cols], design.select(rows)
+                sub_low_rank = None if low_rank is None else low_rank.select(rows)
         h = prob * (1 - prob) * ss
-        # Jacobi preconditioner with diag(XᵀhX)_j = Σ_i h_i x_ij² approximated by
-        # (Σ_i h_i)·mean_i x_ij² (exact when h is uncorrelated with x²): no pass over the features.
-        precond = 1.0 / (h.sum(-1, keepdim=True) * sub.sq_mean(ss) + lams + 1e-12)
+        if sub_low_rank is not None:
+            precond = sub_low_rank.apply_fn(h.sum(-1, keepdim=True), lams)
+        else:
+            # Jacobi with diag(XᵀhX)_j = Σ_i h_i x_ij² approximated by (Σ_i h_i)·mean_i x_ij²
+            # (exact when h is uncorrelated with x²): no pass over the features.
+            precond = partial(torch.mul, 1.0 / (h.sum(-1, keepdim=True) * sq[rows] + lams + 1e-12))
         delta, zdelta = _cg(sub, h, g, lams, precond, ~act, cg_iter, 0.5 * tol)
-        # Columns not running keep their weights whatever CG made of their direction.
-        delta, zdelta = delta * act[..., None], zdelta * act[..., None]
-        step, stalled = _line_search(zs, zdelta, ws, delta, ys, ss, lams, g, act)
-        n_iter[at] += act.long()
+        # Columns not running keep their weights whatever CG made of their direction (even NaN).
+        on = act[..., None]
+        delta, zdelta = delta.where(on, 0.0), zdelta.where(on, 0.0)
+        step, stalled, fs = _line_search(zs, zdelta, ws, delta, ys, ss, lams, g, act, fs)
+        its += act
         # No decrease even at a 2⁻²⁰ step: the iterate is optimal to machine precision.
         act &= ~stalled
         ws.addcmul_(step[..., None], delta)
-        w[at], z[at] = ws, zs.addcmul_(step[..., None], zdelta)
+        zs.addcmul_(step[..., None], zdelta)
         if val is not None:
             val_design, yv, sv = val
             loss = objective(val_design.select(rows).logits(ws), ws, yv[at], sv[rows], torch.zeros_like(lams))
             better = (loss < best_val[at] - 1e-7) & act
             best_val[at] = torch.where(better, loss, best_val[at])
             best_w[at] = torch.where(better[..., None], ws, best_w[at])
-            best_iter[at] = torch.where(better, n_iter[at], best_iter[at])
+            best_iter[at] = torch.where(better, its, best_iter[at])
             stale[at] = torch.where(better, torch.zeros_like(stale[at]), stale[at] + act.long())
             act &= stale[at] < patience
-        active[at] = act
+    if ws is not w:
+        w[at], z[at], active[at], n_iter[at] = ws, zs, act, its
     if val is not None:
         return best_w, best_iter, ~active
     return w, n_iter, ~active

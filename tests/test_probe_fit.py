@@ -162,3 +162,99 @@ def test_early_stopping_of_several_penalties_keeps_better_validation_iterates():
     assert bool((val_loss(stopped) <= val_loss(full) + 1e-6).all())
     # The almost unpenalised probes overfit: early stopping halts them sooner.
     assert bool((stopped.n_iter[:, -1] < full.n_iter[:, -1]).all())
+
+
+def _correlated(p: int = 2, n: int = 200, d: int = 30, rank: int = 6, noise: float = 0.0, seed: int = 8) -> torch.Tensor:
+    """Features driven by a few latent factors (like a residual stream's dominant directions)."""
+    g = torch.Generator().manual_seed(seed)
+    factors = torch.randn(p, n, rank, generator=g) * torch.linspace(5, 1, rank)
+    x = factors @ torch.randn(p, rank, d, generator=g) + 3 * torch.randn(d, generator=g)
+    return x + noise * torch.randn(p, n, d, generator=g)
+
+
+def _standardised_covariance(x: torch.Tensor) -> torch.Tensor:
+    a = x.double()
+    a = (a - a.mean(1, keepdim=True)) / a.std(1, unbiased=False, keepdim=True)
+    return a.transpose(1, 2) @ a / x.shape[1]
+
+
+def test_nystrom_sketch_recovers_the_eigenpairs_of_a_low_rank_covariance():
+    from probes.precondition import LowRankPreconditioner
+
+    x = _correlated()
+    p, n, d = x.shape
+    s = torch.full((p, 1, n), 1.0 / n)
+    mean, std = fit_module._standardise(x, s)
+    omega = LowRankPreconditioner.test_matrix(d, 6, x.device, x.dtype)
+    pre = LowRankPreconditioner.from_sample(LowRankPreconditioner.sample(x, s, mean, std, omega), omega, 6)
+    evals, evecs = torch.linalg.eigh(_standardised_covariance(x))
+    torch.testing.assert_close(pre.eigvals[:, 0].double(), evals.flip(-1)[:, :6], rtol=1e-4, atol=1e-4)
+    # Same invariant subspace (eigenvectors up to sign): equal projectors; the bias row stays zero.
+    u = pre.basis[:, :d].double()
+    top = evecs.flip(-1)[..., :6]
+    torch.testing.assert_close(u @ u.transpose(1, 2), top @ top.transpose(1, 2), rtol=0, atol=1e-4)
+    assert bool((pre.basis[:, d] == 0).all())
+
+
+def test_low_rank_preconditioner_applies_the_nystrom_formula():
+    from probes.precondition import LowRankPreconditioner
+
+    x = _correlated(noise=0.3)
+    p, n, d = x.shape
+    s = torch.full((p, 1, n), 1.0 / n)
+    mean, std = fit_module._standardise(x, s)
+    omega = LowRankPreconditioner.test_matrix(d, 5, x.device, x.dtype)
+    pre = LowRankPreconditioner.from_sample(LowRankPreconditioner.sample(x, s, mean, std, omega), omega, 5)
+    lam = torch.tensor([[0.3] * d + [0.0], [0.01] * d + [0.0]])
+    beta = torch.tensor([[[0.2], [0.05]], [[0.25], [0.1]]])
+    r = torch.randn(p, 2, d + 1, generator=torch.Generator().manual_seed(9))
+    got = pre.apply_fn(beta, lam)(r)
+    u, ev = pre.basis[:, :d].double(), pre.eigvals[:, 0].double()
+    for i in range(p):
+        for c in range(2):
+            b, l2 = float(beta[i, c, 0]), float(lam[c, 0])
+            # P⁻¹ = U(βΛ + λ)⁻¹Uᵀ + (I - UUᵀ)/(βλ_k + λ) on the features, 1/β on the bias.
+            dense = u[i] @ torch.diag(1 / (b * ev[i] + l2)) @ u[i].T + (torch.eye(d, dtype=torch.float64) - u[i] @ u[i].T) / (b * ev[i, -1] + l2)
+            torch.testing.assert_close(got[i, c, :d].double(), dense @ r[i, c, :d].double(), rtol=1e-4, atol=1e-4)
+            assert float(got[i, c, d]) == pytest.approx(float(r[i, c, d]) / b, rel=1e-5)
+
+
+def test_low_rank_preconditioning_reaches_the_jacobi_solution_in_fewer_passes(monkeypatch):
+    x = _correlated(p=2, n=300, d=40, rank=5, noise=0.05, seed=10)
+    g = torch.Generator().manual_seed(11)
+    y = (x[..., :3].sum(-1) - x[..., :3].sum(-1).mean(-1, keepdim=True) + 2 * torch.randn(2, 300, generator=g) > 0).float()
+    passes = []
+    logits = fit_module.Design.logits
+
+    def counted(self, w):
+        passes[-1] += 1
+        return logits(self, w)
+
+    monkeypatch.setattr(fit_module.Design, "logits", counted)
+    fits = []
+    for rank in (0, 8):
+        passes.append(0)
+        fits.append(fit_logistic(x, y, [1e-1, 1e-3, 1e-5], tol=1e-6, precond_rank=rank))
+    assert all(bool(f.converged.all()) for f in fits)
+    torch.testing.assert_close(fits[1].scores(x), fits[0].scores(x), atol=2e-3, rtol=2e-3)
+    assert passes[1] < passes[0]
+
+
+def test_constant_and_duplicated_features_keep_the_preconditioner_well_defined():
+    # A rank-deficient covariance (more sketch columns than its rank): no failed factorisation,
+    # the same probes as with Jacobi preconditioning.
+    x, y = _problems(p=2, n=200, d=12, seed=12)
+    x[..., 5:8] = 2.0
+    x[..., 8] = 3 * x[..., 0]
+    jacobi = fit_logistic(x, y, [1e-1, 1e-3], tol=1e-6, precond_rank=0)
+    low_rank = fit_logistic(x, y, [1e-1, 1e-3], tol=1e-6)
+    assert bool(low_rank.converged.all()) and bool(torch.isfinite(low_rank.weight).all())
+    torch.testing.assert_close(low_rank.scores(x), jacobi.scores(x), atol=2e-3, rtol=2e-3)
+
+
+def test_half_precision_features_fit_like_float32():
+    x, y = _problems(p=2, n=150, d=10, seed=13)
+    single = fit_logistic(x, y, [1e-2, 1e-1], max_iter=30)
+    half = fit_logistic(x.bfloat16(), y, [1e-2, 1e-1], max_iter=30)
+    agree = ((half.scores(x.bfloat16()).float() > 0) == (single.scores(x) > 0)).float().mean()
+    assert half.weight.dtype == torch.bfloat16 and float(agree) >= 0.95

@@ -8,6 +8,7 @@ stage starts.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -107,7 +108,7 @@ class SAEConfig:
         _positive(where, n_tokens=self.n_tokens, batch_size=self.batch_size, checkpoint_every=self.checkpoint_every)
         if self.lr < 0:
             raise UserError(f"{where}.lr = {self.lr} must be >= 0 (0 = default rule)")
-        if not self.enc_init_scale > 0:
+        if not (math.isfinite(self.enc_init_scale) and self.enc_init_scale > 0):
             raise UserError(f"{where}.enc_init_scale = {self.enc_init_scale} must be > 0 (1 = transpose init)")
         if not self.settings:
             raise UserError(f"{where}.settings is empty; add e.g. {{ n_latents = 4096, k = 32 }}")

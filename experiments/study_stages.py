@@ -141,9 +141,16 @@ def build(cfg: StudyConfig, model: Any, log: Callable[[dict], None], progress: b
     def inputs(*parts: Any) -> Callable[[], Any]:
         return lambda: json.loads(json.dumps([model_id, cfg.seed, *[to_plain(x) for x in parts]], default=str))
 
+    def sae_inputs() -> Any:
+        plain = inputs(s)()
+        # enc_init_scale joined [sae] later: at its default, earlier runs keep their stage keys.
+        if plain[2].get("enc_init_scale") == 1.0:
+            del plain[2]["enc_init_scale"]
+        return plain
+
     return [
         Stage("harvest", inputs(h), harvest),
-        Stage("train", inputs(s), train, depends=("harvest",)),
+        Stage("train", sae_inputs, train, depends=("harvest",)),
         Stage("eval", inputs(cfg.eval), evaluate, depends=("train",)),
         Stage("dashboard", inputs(cfg.dashboard), dashboard, depends=("train",), enabled=cfg.dashboard.enabled),
         Stage("probes", inputs(cfg.probes), probe, enabled=cfg.probes.enabled),

@@ -33,8 +33,11 @@ class LowRankPreconditioner:
     def __init__(self, basis: Float[Tensor, "p D k"], eigvals: Float[Tensor, "p 1 k"]):
         self.basis, self.eigvals = basis, eigvals
         self.basis_t = basis.transpose(1, 2).contiguous()
-        # Curvature per unit β outside the basis: λ_k for the features, 1 for the bias.
-        self.tail = torch.cat([eigvals[..., -1:].expand(-1, -1, basis.shape[1] - 1), torch.ones_like(eigvals[..., -1:])], -1)
+        # Curvature per unit β outside the basis: the smallest kept eigenvalue for the features
+        # (dropped ones are 0 and must not make the tail 0: P⁻¹ would then blow up), 1 for the bias.
+        smallest = torch.where(eigvals > 0, eigvals, torch.inf).amin(-1, keepdim=True)
+        smallest = torch.where(torch.isfinite(smallest), smallest, torch.ones_like(smallest))
+        self.tail = torch.cat([smallest.expand(-1, -1, basis.shape[1] - 1), torch.ones_like(smallest)], -1)
 
     @staticmethod
     def test_matrix(d: int, rank: int, device: torch.device, dtype: torch.dtype, oversample: int = 8, seed: int = 0) -> Float[Tensor, "d l"]:
@@ -78,7 +81,10 @@ class LowRankPreconditioner:
         kept = eig > rcond * eig[..., :1]
         coef = half @ (w * torch.where(kept, eig.clamp_min(1e-300).rsqrt(), 0.0)[:, None, :])
         basis = torch.zeros(p, d + 1, rank, device=sample.device, dtype=omega.dtype)
-        basis[:, :d] = torch.bmm(sample, coef.to(omega.dtype))
+        # Built in float64 from the same Y as the small eigenproblems, so U is orthonormal to
+        # float64 rounding before the cast (a float32 product was off by ~3e-3, enough to make
+        # P⁻¹ indefinite when the kept spectrum spans a few hundred).
+        basis[:, :d] = torch.bmm(y, coef).to(omega.dtype)
         return cls(basis, torch.where(kept, eig, 0.0)[:, None, :].to(omega.dtype))
 
     def select(self, rows: Tensor | slice) -> LowRankPreconditioner:

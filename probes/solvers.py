@@ -131,7 +131,7 @@ def _line_search(z, zdelta, w, delta, y, s, lam, g, active, base, max_halvings: 
     for _ in range(max_halvings):
         col = step[..., None]
         trial = objective(torch.addcmul(z, col, zdelta), torch.addcmul(w, col, delta), y, s, lam)
-        todo = todo & (trial > torch.addcmul(bound, step, slope))
+        todo = todo & ~(trial <= torch.addcmul(bound, step, slope))  # a NaN trial is no decrease
         if not bool(todo.any()):
             break
         step = torch.where(todo, step * 0.5, step)
@@ -184,7 +184,7 @@ def truncated_newton(
     for _ in range(max_iter):
         prob = torch.sigmoid(zs)
         g = torch.baddbmm(lams * ws, (prob - ys) * ss, sub.x)
-        act &= g.abs().amax(-1) > tol
+        act &= ~(g.abs().amax(-1) <= tol)  # a NaN gradient never counts as converged
         # The working set can only shrink when a column has stopped since the last look.
         n_on, n_was = int(act.sum()), n_on
         if n_on == 0:

@@ -161,7 +161,7 @@ class TrainConfig:
             raise UserError(f"adam_betas must be in [0, 1) and adam_eps positive, got {self.adam_betas}, {self.adam_eps}")
         if self.aux_coef < 0 or (self.k_aux is not None and self.k_aux <= 0):
             raise UserError("aux_coef must be >= 0 and k_aux positive")
-        if not self.enc_init_scale > 0:
+        if not (math.isfinite(self.enc_init_scale) and self.enc_init_scale > 0):
             raise UserError(f"enc_init_scale must be > 0, got {self.enc_init_scale}; 1 is the transpose init, 0.58 sparsify's scale")
         if not 0 < self.threshold_momentum <= 1:
             raise UserError(f"threshold_momentum must be in (0, 1], got {self.threshold_momentum}")

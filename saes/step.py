@@ -139,7 +139,7 @@ def init_stack(
     """
     if b_dec_init not in ("geometric_median", "mean"):
         raise UserError(f"b_dec_init must be 'geometric_median' or 'mean', got {b_dec_init!r}")
-    if not enc_init_scale > 0:
+    if not (math.isfinite(enc_init_scale) and enc_init_scale > 0):
         raise UserError(f"enc_init_scale must be > 0, got {enc_init_scale}")
     if sample is not None and tuple(sample.shape[::2]) != (S, d_in):
         raise UserError(f"init sample has shape {tuple(sample.shape)}, expected [{S}, N, {d_in}]; pass one sample per stack member")
@@ -253,7 +253,7 @@ def sae_step_loss(
 
     dead = state.tokens_since_fired >= cfg.dead_tokens_threshold
     n_dead = dead.sum(1)
-    m = int(n_dead.max()) if cfg.auxk else 0  # the step's one host sync
+    m = int(n_dead.max()) if cfg.auxk else 0  # a host sync (AuxK's shapes depend on it)
     if m > 0:
         auxk = _auxk(params, x, pre, (x - x_hat).detach(), dead, n_dead, m, cfg) / total_variance
     else:

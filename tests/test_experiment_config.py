@@ -149,3 +149,14 @@ def test_interrupted_stage_is_rerun_in_same_directory(tmp_path):
 def test_dependent_stage_needs_upstream(tmp_path):
     with pytest.raises(UserError, match="needs a"):
         StageRunner(tmp_path, lambda e: None).run(Stage("b", inputs=lambda: {}, run=lambda d, u: {}, depends=("a",)))
+
+
+def test_default_encoder_init_scale_leaves_the_train_stage_key_alone(tmp_path):
+    from experiments import study_stages
+
+    def train_inputs(text):
+        stages = {st.name: st for st in study_stages.build(load_study(write(tmp_path, text)), None, print, False)}
+        return json.dumps(stages["train"].inputs())
+
+    assert "enc_init_scale" not in train_inputs("")  # runs made before the option keep their cached stages
+    assert '"enc_init_scale": 0.58' in train_inputs("[sae]\nenc_init_scale = 0.58\n")

@@ -130,7 +130,7 @@ _KILL_SCRIPT = textwrap.dedent(
     setattr(sm, target, dying)
     windows = torch.randint(3, 2000, (12, 16), generator=torch.Generator().manual_seed(0))
     windows[:, 0] = 1
-    harvest(interp.load_model("tiny-random"), windows, {hooks!r}, n_tokens=150, batch_size=4,
+    harvest(interp.load_model("tiny-random", device="cpu"), windows, {hooks!r}, n_tokens=150, batch_size=4,
             out=sys.argv[1], shard_rows=40, progress=False)
     """
 )

@@ -252,6 +252,21 @@ def test_constant_and_duplicated_features_keep_the_preconditioner_well_defined()
     torch.testing.assert_close(low_rank.scores(x), jacobi.scores(x), atol=2e-3, rtol=2e-3)
 
 
+def test_fewer_items_than_the_rank_and_tiny_penalties_stay_finite():
+    # n_train < precond_rank leaves dropped eigenvalues at 0; the tail must not become 0 (NaN
+    # weights once reported as converged), and a NaN must never count as converged.
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(2, 24, 256, generator=g), (torch.rand(2, 24, generator=g) > 0.5).float()
+    for l2 in (1e-5, 0.0):
+        for rank in (0, 32):
+            fit = fit_logistic(x, y, [l2], precond_rank=rank)
+            assert bool(torch.isfinite(fit.weight).all()) and bool(fit.converged.all()), (l2, rank)
+            assert bool(((fit.scores(x)[:, 0] > 0).float() == y).all())  # separable: every item right
+    jacobi = fit_logistic(x, y, [1e-2], tol=1e-7, precond_rank=0)
+    low_rank = fit_logistic(x, y, [1e-2], tol=1e-7)
+    torch.testing.assert_close(low_rank.weight, jacobi.weight, atol=1e-3, rtol=1e-3)
+
+
 def test_half_precision_features_fit_like_float32():
     x, y = _problems(p=2, n=150, d=10, seed=13)
     single = fit_logistic(x, y, [1e-2, 1e-1], max_iter=30)

@@ -68,10 +68,11 @@ def _make(source: Any, args: dict[str, Any], model: Any):
     """A function strength -> list of interventions, plus a description for the JSON."""
     import interp
     from interp.directions import Direction
+    from interp.models import model_device
 
     positions, mode = args["positions"], args["mode"]
     if not isinstance(source, Direction):
-        sae = source.to(model.cfg.device)
+        sae = source.to(model_device(model))
         try:
             feats = [int(f) for f in str(args["feature"]).split(",")]
         except ValueError:

@@ -29,6 +29,7 @@ import torch
 
 import interp
 from interp.files import atomic_write_json
+from interp.models import model_device
 from interp.steering_eval import (
     concept_hit_rate,
     continuation_nll,
@@ -70,6 +71,8 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=0.7)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--baseline-tokens", type=int, default=32_768, help="baseline corpus tokens for the feature search")
+    parser.add_argument("--stats-tokens", type=int, default=32_768,
+                        help="corpus tokens scanned for max activations when the SAE has no feature stats yet")
     parser.add_argument("--prompts", type=int, default=None, help="use only the first N shipped prompts (smoke runs)")
     parser.add_argument("--out", default="steering_demo")
     args = parser.parse_args()
@@ -77,7 +80,11 @@ def main() -> None:
     import saes
 
     model = interp.load_model(args.model)
-    sae = saes.load(args.sae, device=model.cfg.device)
+    sae = saes.load(args.sae, device=model_device(model))
+    if sae.max_activations is None:  # "5x" strengths need them: scan once and keep them beside the SAE
+        scan = saes.scan_features(sae, model, "default", n_tokens=args.stats_tokens, progress=True)
+        saes.save_feature_stats(scan, args.sae)
+        sae.max_activations = scan.max_activations.to(sae.W_dec.device)
     keywords = [k.strip() for k in (args.keywords or args.concept).split(",") if k.strip()]
     gen = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed, chat=True, progress=True)
     search = []

@@ -105,7 +105,7 @@ def ours(d_in, n, k, data, sample):
 def dense_reference(d_in, n, k, data, sample):
     """The same objective with dense autograd (dense [B, n] gradients, dense weight-grad GEMMs)."""
     params = init_stack(1, d_in, n, sample=sample[None].cpu(), seed=0, enc_init_scale=ENC_INIT_SCALE)
-    W_enc, b_enc, W_dec, b_dec = (p[0].detach().to(DEVICE).clone().requires_grad_() for p in params.parameters())
+    W_enc, b_enc, W_dec, b_dec = (p[0].detach().to(DEVICE).clone().requires_grad_() for p in (params.W_enc, params.b_enc, params.W_dec, params.b_dec))
     opt = torch.optim.Adam([W_enc, b_enc, W_dec, b_dec], lr=2e-4 / (n / 2**14) ** 0.5, fused=True)
 
     def forward(x):

@@ -67,6 +67,8 @@ def load_stack_tensors(stacks: list[Any], tensors: dict[str, Tensor], meta: dict
         device = next(stack.params.parameters()).device
         with torch.no_grad():
             for name, value in stack.params.state_dict().items():
+                if f"stack{j}.param.{name}" not in tensors:
+                    raise UserError(f"the checkpoint has no {name} (written by an older version of the trainer); pass --no-resume to start over")
                 saved_value = tensors[f"stack{j}.param.{name}"]
                 if saved_value.shape != value.shape:
                     raise UserError(f"the checkpoint's {name} has shape {tuple(saved_value.shape)} but this run needs {tuple(value.shape)} "

@@ -35,18 +35,32 @@ __all__ = [
 class StackParams(nn.Module):
     """Weights of S same-shape SAEs, stacked on a leading axis (training units: inputs pre-scaled).
 
-    ``W_enc`` has shape ``[S, d_in, n]`` but is stored latent-major (a transposed view of an
-    ``[S, n, d_in]`` buffer): the sparse encoder backward produces its gradient latent-major, so
-    autograd accumulates it without a transposing copy, and Adam's state takes the same layout.
+    The encoder parameter is ``W_enc_t`` ``[S, n, d_in]`` (latent-major, contiguous) and ``W_enc``
+    ``[S, d_in, n]`` is its transposed view: the sparse encoder backward produces the gradient
+    latent-major, so autograd accumulates it without a transposing copy, and fused Adam (which
+    copies non-contiguous parameters in and out on every step) updates it in place.
     """
 
     def __init__(self, S: int, d_in: int, n_latents: int, device: str | torch.device | None = None, dtype: torch.dtype = torch.float32):
         super().__init__()
         kw = {"device": device, "dtype": dtype}
-        self.W_enc = nn.Parameter(torch.zeros(S, n_latents, d_in, **kw).transpose(1, 2))
+        self.W_enc_t = nn.Parameter(torch.zeros(S, n_latents, d_in, **kw))
         self.b_enc = nn.Parameter(torch.zeros(S, n_latents, **kw))
         self.W_dec = nn.Parameter(torch.zeros(S, n_latents, d_in, **kw))
         self.b_dec = nn.Parameter(torch.zeros(S, d_in, **kw))
+        self._scratch: dict[tuple, Tensor] = {}
+
+    @property
+    def W_enc(self) -> Float[Tensor, "S d_in n"]:
+        """The encoders ``[S, d_in, n]``: a view of ``W_enc_t`` (writes go through)."""
+        return self.W_enc_t.transpose(1, 2)
+
+    def scratch(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+        """A buffer of ``shape`` kept between steps (uninitialised; valid until the next call with the same key)."""
+        key = (tuple(shape), dtype, device)
+        if key not in self._scratch:
+            self._scratch = {key: torch.empty(shape, dtype=dtype, device=device)}  # one live buffer: shapes change rarely
+        return self._scratch[key]
 
     @property
     def S(self) -> int:
@@ -157,7 +171,9 @@ def init_stack(
 
 def check_finite(x: Tensor) -> None:
     """One-line error for NaN/Inf activations (a host sync on CUDA: the trainer checks host batches instead)."""
-    if not torch.isfinite(x).all():
+    # A finite sum means every entry is finite (NaN and Inf propagate), in one cheap pass; a
+    # non-finite sum (bad entries, or an overflow of large finite ones) gets the exact check.
+    if not torch.isfinite(x.sum()) and not torch.isfinite(x).all():
         raise UserError("the activation batch contains NaN or Inf; re-harvest the activations (or check the hook)")
 
 
@@ -171,6 +187,11 @@ def _check(params: StackParams, x: Tensor, cfg: StepConfig) -> None:
         check_finite(x)
 
 
+def _pre_buffer(params: StackParams, x: Tensor) -> Tensor | None:
+    """The reused ``[S, B, n]`` pre-activation buffer on CPU (CUDA's caching allocator already reuses memory)."""
+    return None if x.is_cuda else params.scratch((*x.shape[:2], params.n_latents), params.W_enc.dtype, x.device)
+
+
 def _batch_topk(params: StackParams, x: Tensor, cfg: StepConfig) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Top ``k * B`` pre-activations over the batch, from the best ``max_k_per_token`` per token.
 
@@ -178,7 +199,7 @@ def _batch_topk(params: StackParams, x: Tensor, cfg: StepConfig) -> tuple[Tensor
     unkept candidates have value 0.
     """
     n, (S, B, _) = params.n_latents, x.shape
-    pre = dense_pre_acts(x, params.W_enc, params.b_enc, params.b_dec)
+    pre = dense_pre_acts(x, params.W_enc, params.b_enc, params.b_dec, out=_pre_buffer(params, x))
     per_token = min(n, cfg.max_k_per_token or 4 * cfg.k)
     top, indices = pre.topk(per_token, dim=-1, sorted=False)
     top = top.to(params.W_enc.dtype)
@@ -243,7 +264,7 @@ def sae_step_loss(
         first = torch.isnan(threshold)
         threshold = torch.where(first, smallest, threshold + cfg.threshold_momentum * (smallest - threshold))
     else:
-        values, indices, pre = encode_topk(x, params.W_enc, params.b_enc, params.b_dec, cfg.k)
+        values, indices, pre = encode_topk(x, params.W_enc, params.b_enc, params.b_dec, cfg.k, out=_pre_buffer(params, x))
     x_hat = sparse_decode(values, indices, params.W_dec) + params.b_dec.unsqueeze(1)
     if total_variance is None:
         total_variance = (x - x.mean(1, keepdim=True)).pow(2).sum((1, 2))

@@ -27,7 +27,8 @@ def _stack(S, d, n, seed=0, dtype=torch.float64) -> StackParams:
 
 def _dense_loss(p, x, cfg, dead):
     """The objective written out densely with plain autograd (no sparse kernels)."""
-    W_enc, b_enc, W_dec, b_dec = p
+    W_enc_t, b_enc, W_dec, b_dec = p  # StackParams' order; W_enc_t is the latent-major [S, n, d] encoder
+    W_enc = W_enc_t.transpose(1, 2)
     S, B, d = x.shape
     pre = torch.einsum("sbd,sdn->sbn", x - b_dec[:, None], W_enc) + b_enc[:, None]
     if cfg.batch_topk:
@@ -74,7 +75,7 @@ def test_step_matches_dense_reference_with_auxk(n_dead):
     assert torch.allclose(loss, ref_loss, atol=1e-10)
     assert torch.allclose(metrics["fvu"], fvu) and torch.allclose(metrics["auxk_loss"], auxk)
     assert (metrics["auxk_loss"] > 0).all() == (n_dead > 0)
-    for name, got, want in zip(["W_enc", "b_enc", "W_dec", "b_dec"], grads, ref_grads):
+    for name, got, want in zip(["W_enc_t", "b_enc", "W_dec", "b_dec"], grads, ref_grads):
         assert torch.allclose(got, want, atol=1e-9, rtol=1e-7), name
     assert torch.allclose(metrics["l0"], (f > 0).sum(-1).double().mean(1))
     # counters: fired latents reset to 0, the rest advance by the batch size
@@ -133,7 +134,7 @@ def test_global_total_variance_makes_half_batch_losses_and_grads_add_up():
         assert (metrics[name] > 0).all()
         assert torch.allclose(halves[0][1][name] + halves[1][1][name], metrics[name], rtol=1e-12), name
     assert torch.allclose((halves[0][1]["l0"] + halves[1][1]["l0"]) / 2, metrics["l0"], rtol=1e-12)
-    for name, a, b, full in zip(["W_enc", "b_enc", "W_dec", "b_dec"], halves[0][3], halves[1][3], grads):
+    for name, a, b, full in zip(["W_enc_t", "b_enc", "W_dec", "b_dec"], halves[0][3], halves[1][3], grads):
         assert torch.allclose(a + b, full, rtol=1e-10, atol=1e-12), name
     # the mean of losses each normalised by its own half's variance (averaged ddp gradients) is not it
     local = [run(part)[0] for part in x.split(B // 2, dim=1)]
@@ -186,6 +187,9 @@ def test_bad_inputs_are_user_errors():
         sae_step_loss(params, state, torch.randn(1, 5, 4), StepConfig(k=8))
     bad = torch.randn(1, 5, 4)
     bad[0, 2, 1] = math.nan
+    with pytest.raises(UserError, match="NaN or Inf"):
+        sae_step_loss(params, state, bad, StepConfig(k=2))
+    bad[0, 2, 1] = -math.inf
     with pytest.raises(UserError, match="NaN or Inf"):
         sae_step_loss(params, state, bad, StepConfig(k=2))
     with pytest.raises(UserError, match="d_in"):
@@ -265,3 +269,46 @@ def test_auxk_keeps_latents_alive_where_they_die_without_it():
     assert without["dead_fraction"].item() >= 0.4
     assert with_auxk["dead_fraction"].item() < 0.01
     assert with_auxk["fvu"].item() < without["fvu"].item()
+
+
+def test_check_finite_accepts_finite_batches_whose_sum_overflows():
+    from saes.step import check_finite
+
+    huge = torch.full((1, 4, 2), 3e38)  # every entry finite, their float32 sum is inf
+    assert not torch.isfinite(huge.sum())
+    check_finite(huge)
+    huge[0, 1, 0] = math.inf
+    with pytest.raises(UserError, match="NaN or Inf"):
+        check_finite(huge)
+
+
+def test_reused_pre_activation_buffer_gives_the_fresh_result():
+    """The step writes its pre-activations into a buffer kept on the params; stale contents must not leak."""
+    S, B, d, n = 2, 12, 6, 20
+    cfg = StepConfig(k=3, k_aux=4, dead_tokens_threshold=5)
+    x = torch.randn(S, B, d, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    params = _stack(S, d, n, seed=4)
+    state = init_state(S, n)
+    state.tokens_since_fired[:, : n // 2] = 10  # AuxK reads the buffer too
+    fresh_loss, fresh_metrics, _ = sae_step_loss(params, state, x, cfg)
+    buffer = params.scratch((S, B, n), torch.float64, x.device)
+    buffer.fill_(math.nan)
+    loss, metrics, _ = sae_step_loss(params, state, x, cfg)
+    assert params.scratch((S, B, n), torch.float64, x.device).data_ptr() == buffer.data_ptr()  # reused, not reallocated
+    assert torch.equal(loss, fresh_loss) and all(torch.equal(metrics[key], fresh_metrics[key]) for key in metrics)
+
+
+def test_checkpoint_tensors_round_trip_and_old_layout_is_a_user_error():
+    from types import SimpleNamespace
+
+    from saes.stacking import load_stack_tensors, stack_tensors
+
+    src = SimpleNamespace(params=_stack(2, 4, 8, seed=1, dtype=torch.float32), state=init_state(2, 8), keys=[("h", 8, 2), ("h", 8, 2)])
+    dst = SimpleNamespace(params=_stack(2, 4, 8, seed=2, dtype=torch.float32), state=init_state(2, 8), keys=src.keys)
+    tensors, meta = stack_tensors([src])
+    load_stack_tensors([dst], tensors, meta)
+    assert all(torch.equal(a, b) for a, b in zip(src.params.parameters(), dst.params.parameters()))
+    # checkpoints written before the encoder became latent-major hold "W_enc" [S, d, n] instead of "W_enc_t"
+    tensors["stack0.param.W_enc"] = tensors.pop("stack0.param.W_enc_t").transpose(1, 2).contiguous()
+    with pytest.raises(UserError, match="older version.*--no-resume"):
+        load_stack_tensors([dst], tensors, meta)

@@ -263,3 +263,51 @@ def test_cli_steer_with_a_direction_and_vector_errors(tmp_path):
     assert bad.exit_code == 2 and "--hook" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
     clamp = CliRunner().invoke(app, ["steer", "--model", "tiny-random", "--direction", str(tmp_path / "dir"), "--clamp", "3", "--prompt", "x"])
     assert clamp.exit_code == 2 and "need an SAE feature" in clamp.stderr
+
+
+def test_cli_steer_sweep_resumes_after_an_interrupt(sae_dir, tmp_path, monkeypatch):
+    import json
+
+    from typer.testing import CliRunner
+
+    import interp
+    from experiments.cli import app
+
+    out = tmp_path / "steer.json"
+    args = ["steer", "--model", "tiny-random", "--sae", str(sae_dir), "--feature", "3", "--prompt", "The cat", "--max-new-tokens", "3",
+            "--temperature", "0", "--no-chat", "--device", "cpu", "--out", str(out), "--sweep"]
+    real, calls = interp.generate, []
+
+    def interrupted_at_third(*a, **kw):  # base, strength 0, then Ctrl-C during strength 40
+        calls.append(kw.get("interventions", a[2] if len(a) > 2 else None))
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(interp, "generate", interrupted_at_third)
+    result = CliRunner().invoke(app, [*args, "0,40,80"])
+    assert result.exit_code == 130 and "resume" in result.output
+    partial = json.loads(out.read_text())
+    assert partial["complete"] is False and [r["strength"] for r in partial["results"]] == ["0"]
+
+    calls.clear()
+    monkeypatch.setattr(interp, "generate", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    result = CliRunner().invoke(app, [*args, "0,40,80"])
+    assert result.exit_code == 0, result.output
+    assert len(calls) == 2  # only 40 and 80: the base and strength 0 came from the file
+    resumed = json.loads(out.read_text())
+    assert resumed["complete"] is True and [r["strength"] for r in resumed["results"]] == ["0", "40", "80"]
+    assert resumed["results"][0] == partial["results"][0]
+
+    # the same sweep from scratch gives the same continuations as the resumed one
+    fresh = tmp_path / "fresh.json"
+    monkeypatch.setattr(interp, "generate", real)
+    assert CliRunner().invoke(app, [*args[:-2], str(fresh), "--sweep", "0,40,80"]).exit_code == 0
+    assert json.loads(fresh.read_text())["results"] == resumed["results"]
+
+    # other settings (more tokens) do not reuse the file: everything is generated again
+    calls.clear()
+    monkeypatch.setattr(interp, "generate", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    longer = [*args[:10], "4", *args[11:]]
+    assert CliRunner().invoke(app, [*longer, "0,40"]).exit_code == 0
+    assert len(calls) == 3 and json.loads(out.read_text())["settings"]["max_new_tokens"] == 4

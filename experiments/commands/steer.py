@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from experiments.app import command, console
+from experiments.steer_resume import previous_run, run_key, save_run
 from interp.errors import UserError
 
 
@@ -146,20 +147,36 @@ def steer(
     gen_kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, batch_size=batch_size, chat=chat, progress=True)
     # Build every intervention up front, so a bad strength fails before any generation.
     plans = [(strength, make(strength)) for strength in strengths]
-    base = interp.generate(model, samples, [], **gen_kw)
-    base_nll = continuation_nll(model, base.prompt_tokens, base.tokens)
+    from interp.models import model_name as name_of
+
+    settings = {k: v for k, v in gen_kw.items() if k != "progress"}
+    header = {"model": name_of(model), "intervention": desc, "positions": positions, "settings": settings, "keywords": words}
+    key = run_key(header, samples, source)
+    base, done = previous_run(out, key, strengths)
+    if done:
+        console.print(f"resuming {out}: {len(done)} of {len(strengths)} strengths already done")
+    if base is None:
+        run = interp.generate(model, samples, [], **gen_kw)
+        base = {"texts": run.texts, "nll": float(continuation_nll(model, run.prompt_tokens, run.tokens).nanmean())}
+        if out is not None:
+            save_run(out, header, key, base, [], complete=False)
     results = []
     for strength, interventions in plans:
+        if strength in done:
+            results.append(done[strength])
+            continue
         run = interp.generate(model, samples, interventions, **gen_kw)
         nll = continuation_nll(model, run.prompt_tokens, run.tokens)
         results.append({
             "strength": strength,
             "hit_rate": concept_hit_rate(run.texts, words) if words else None,
-            "base_hit_rate": concept_hit_rate(base.texts, words) if words else None,
+            "base_hit_rate": concept_hit_rate(base["texts"], words) if words else None,
             "nll": float(nll.nanmean()),
-            "base_nll": float(base_nll.nanmean()),
-            "samples": [{"prompt": p, "base": b, "steered": s} for p, b, s in zip(samples, base.texts, run.texts)],
+            "base_nll": base["nll"],
+            "samples": [{"prompt": p, "base": b, "steered": s} for p, b, s in zip(samples, base["texts"], run.texts)],
         })
+        if out is not None:  # after every strength, so an interrupted sweep resumes here
+            save_run(out, header, key, base, results, complete=False)
     table = Table(title=f"steering ({desc.get('mode')}) — chat template {'on' if chat else 'off'}", show_lines=True)
     for col in ("prompt", "strength", "base", "steered"):
         table.add_column(col, overflow="fold")
@@ -171,9 +188,5 @@ def steer(
         hits = f", hit rate {res['hit_rate']:.0%} vs base {res['base_hit_rate']:.0%}" if words else ""
         console.print(f"strength {res['strength']}: NLL {res['nll']:.3f} vs base {res['base_nll']:.3f} nats/token{hits}")
     if out is not None:
-        from interp.files import atomic_write_json
-        from interp.models import model_name as name_of
-
-        settings = {k: v for k, v in gen_kw.items() if k != "progress"}
-        atomic_write_json(out, {"model": name_of(model), "intervention": desc, "positions": positions, "settings": settings, "keywords": words, "results": results})
+        save_run(out, header, key, base, results, complete=True)
         console.print(f"wrote {out}")

@@ -222,6 +222,8 @@ def test_cli_steer_writes_side_by_side_json(sae_dir, tmp_path):
     assert first["prompt"] == "The cat" and "steered" in first and "base" in first
     assert "base" in result.output and "steered" in result.output
     assert any(s["steered"] != s["base"] for s in data["results"][1]["samples"])
+    html = (tmp_path / "steer.html").read_text()  # the concept-vs-fluency curve beside the JSON
+    assert "concept hit rate" in html and str(data["results"][1]["nll"])[:6] in html
 
 
 @pytest.mark.parametrize(

@@ -118,7 +118,7 @@ def steer(
     batch_size: int = typer.Option(8, "--batch-size", help="Prompts per generation batch."),
     device: str = typer.Option(None, "--device", help="cpu, cuda, ... (default: cuda if available)."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow a local/hub model to run its own Python code (off by default; only for models you trust)."),
-    out: Path = typer.Option(None, "--out", help="Write prompts, settings, continuations and metrics here as JSON."),
+    out: Path = typer.Option(None, "--out", help="Write prompts, settings, continuations and metrics here as JSON (with --keywords also the concept-vs-fluency curve as .html); a rerun resumes."),
 ) -> None:
     """Steer generation and print steered vs unsteered continuations side by side.
 
@@ -190,3 +190,10 @@ def steer(
     if out is not None:
         save_run(out, header, key, base, results, complete=True)
         console.print(f"wrote {out}")
+        if words:  # the concept-vs-fluency curve: hit rate against NLL, one point per strength
+            from interp.steering_eval import write_sweep_html
+
+            label = f"{desc['mode']} " + (f"feature {','.join(map(str, desc['features']))}" if "features" in desc else "vector")
+            curves = {label: [{k: r[k] for k in ("strength", "hit_rate", "nll")} for r in results],
+                      "unsteered": [{"strength": "base", "hit_rate": results[0]["base_hit_rate"], "nll": base["nll"]}]}
+            console.print(f"wrote {write_sweep_html(curves, Path(out).with_suffix('.html'), title=f'Steering toward {words[0]!r}: concept vs fluency')}")

@@ -313,3 +313,34 @@ def test_cli_steer_sweep_resumes_after_an_interrupt(sae_dir, tmp_path, monkeypat
     longer = [*args[:10], "4", *args[11:]]
     assert CliRunner().invoke(app, [*longer, "0,40"]).exit_code == 0
     assert len(calls) == 3 and json.loads(out.read_text())["settings"]["max_new_tokens"] == 4
+
+
+def test_cli_steer_random_baseline_matches_the_push(sae_dir, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    import interp
+    import saes
+    from experiments.cli import app
+    from experiments.commands.steer import _random_like
+
+    sae = saes.load(sae_dir)
+    clamp = interp.Clamp(sae, [3, 5], [40.0, -10.0])
+    (rnd,) = _random_like([clamp], seed=0)
+    push = 40.0 * sae.W_dec[3].detach() - 10.0 * sae.W_dec[5].detach()
+    assert rnd.coef == pytest.approx(float(push.norm()), rel=1e-5) and abs(float(rnd.unit @ push / push.norm())) < 0.9
+    add = interp.Add(HOOK, torch.ones(64), "2.5")
+    assert _random_like([add], seed=1)[0].coef == 2.5
+
+    out = tmp_path / "steer.json"
+    args = ["steer", "--model", "tiny-random", "--sae", str(sae_dir), "--feature", "3", "--sweep", "0,40", "--prompt", "The cat",
+            "--max-new-tokens", "3", "--temperature", "0", "--keywords", "the", "--no-chat", "--device", "cpu", "--out", str(out)]
+    result = CliRunner().invoke(app, [*args, "--random-baseline"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(out.read_text())["results"]
+    assert all("random_nll" in r and "random" in r["samples"][0] for r in rows)
+    assert "random direction" in (tmp_path / "steer.html").read_text()
+    bad = CliRunner().invoke(app, ["steer", "--model", "tiny-random", "--sae", str(sae_dir), "--feature", "3", "--scale", "2",
+                                   "--prompt", "x", "--device", "cpu", "--random-baseline"])
+    assert bad.exit_code == 2 and "--random-baseline needs" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1

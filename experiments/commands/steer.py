@@ -93,6 +93,30 @@ def _make(source: Any, args: dict[str, Any], model: Any):
     return (lambda s: [interp.Add(hook, source, s, positions=positions)]), desc
 
 
+def _random_like(interventions: list[Any], seed: int) -> list[Any]:
+    """Each clamp or add replaced by adding a random direction with the same push (the steering baseline).
+
+    A clamp's push is ``||sum_i v_i W_dec[i]||`` (the decoder contribution it pins); an add keeps its
+    coefficient on a random unit vector.
+    """
+    import torch
+
+    import interp
+    from interp.steering_eval import random_direction_like
+
+    out = []
+    for i, iv in enumerate(interventions):
+        if isinstance(iv, interp.Clamp):
+            target = iv.values.to(iv.sae.W_dec.dtype) @ iv.sae.W_dec.detach()[iv.features.to(iv.sae.W_dec.device)].cpu()
+            direction = random_direction_like(torch.ones_like(target), seed + i)  # any norm: Add uses its unit vector
+            out.append(interp.Add(iv.hook, direction, float(target.norm()), positions=iv.positions))
+        elif isinstance(iv, interp.Add):
+            out.append(interp.Add(iv.hook, random_direction_like(iv.unit, seed + i), iv.coef_spec, positions=iv.positions))
+        else:
+            raise UserError("--random-baseline needs --clamp or --coef (a scale or ablation has no push to match)")
+    return out
+
+
 @command("steer")
 def steer(
     model_name: str = typer.Option("smollm2-135m", "--model", help="Model name or local HF directory."),
@@ -118,6 +142,7 @@ def steer(
     batch_size: int = typer.Option(8, "--batch-size", help="Prompts per generation batch."),
     device: str = typer.Option(None, "--device", help="cpu, cuda, ... (default: cuda if available)."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow a local/hub model to run its own Python code (off by default; only for models you trust)."),
+    random_baseline: bool = typer.Option(False, "--random-baseline", help="Also steer along a random direction with the same push at every strength (with --clamp or --coef; doubles the generation)."),
     out: Path = typer.Option(None, "--out", help="Write prompts, settings, continuations and metrics here as JSON (with --keywords also the concept-vs-fluency curve as .html); a rerun resumes."),
 ) -> None:
     """Steer generation and print steered vs unsteered continuations side by side.
@@ -147,10 +172,11 @@ def steer(
     gen_kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, batch_size=batch_size, chat=chat, progress=True)
     # Build every intervention up front, so a bad strength fails before any generation.
     plans = [(strength, make(strength)) for strength in strengths]
+    baselines = {strength: _random_like(ivs, seed) for strength, ivs in plans} if random_baseline else {}
     from interp.models import model_name as name_of
 
     settings = {k: v for k, v in gen_kw.items() if k != "progress"}
-    header = {"model": name_of(model), "intervention": desc, "positions": positions, "settings": settings, "keywords": words}
+    header = {"model": name_of(model), "intervention": desc, "positions": positions, "settings": settings, "keywords": words, "random_baseline": random_baseline}
     key = run_key(header, samples, source)
     base, done = previous_run(out, key, strengths)
     if done:
@@ -175,6 +201,12 @@ def steer(
             "base_nll": base["nll"],
             "samples": [{"prompt": p, "base": b, "steered": s} for p, b, s in zip(samples, base["texts"], run.texts)],
         })
+        if random_baseline:
+            rnd = interp.generate(model, samples, baselines[strength], **gen_kw)
+            results[-1].update(random_hit_rate=concept_hit_rate(rnd.texts, words) if words else None,
+                               random_nll=float(continuation_nll(model, rnd.prompt_tokens, rnd.tokens).nanmean()))
+            for sample, text in zip(results[-1]["samples"], rnd.texts):
+                sample["random"] = text
         if out is not None:  # after every strength, so an interrupted sweep resumes here
             save_run(out, header, key, base, results, complete=False)
     table = Table(title=f"steering ({desc.get('mode')}) — chat template {'on' if chat else 'off'}", show_lines=True)
@@ -186,6 +218,8 @@ def steer(
     console.print(table)
     for res in results:
         hits = f", hit rate {res['hit_rate']:.0%} vs base {res['base_hit_rate']:.0%}" if words else ""
+        if "random_nll" in res:
+            hits += f"; random direction: NLL {res['random_nll']:.3f}" + (f", hit rate {res['random_hit_rate']:.0%}" if words else "")
         console.print(f"strength {res['strength']}: NLL {res['nll']:.3f} vs base {res['base_nll']:.3f} nats/token{hits}")
     if out is not None:
         save_run(out, header, key, base, results, complete=True)
@@ -195,5 +229,7 @@ def steer(
 
             label = f"{desc['mode']} " + (f"feature {','.join(map(str, desc['features']))}" if "features" in desc else "vector")
             curves = {label: [{k: r[k] for k in ("strength", "hit_rate", "nll")} for r in results],
+                      **({"random direction, same push": [{"strength": r["strength"], "hit_rate": r["random_hit_rate"], "nll": r["random_nll"]} for r in results]}
+                         if random_baseline else {}),
                       "unsteered": [{"strength": "base", "hit_rate": results[0]["base_hit_rate"], "nll": base["nll"]}]}
             console.print(f"wrote {write_sweep_html(curves, Path(out).with_suffix('.html'), title=f'Steering toward {words[0]!r}: concept vs fluency')}")

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 
-__all__ = ["sparse_decode", "select_pre_acts", "encode_topk", "dense_pre_acts", "scatter_rows", "gather_dot"]
+__all__ = ["sparse_decode", "select_pre_acts", "encode_topk", "dense_pre_acts", "scatter_rows", "gather_dot", "squared_error"]
 
 
 def _triton_for(t: Tensor):
@@ -111,18 +111,19 @@ class SelectPreActs(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, values: Tensor, indices: Tensor, x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor) -> Tensor:
-        ctx.save_for_backward(indices, x, W_enc, b_dec)
+    def forward(ctx, values: Tensor, indices: Tensor, x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, x_centered: Tensor | None) -> Tensor:
+        ctx.save_for_backward(indices, x, W_enc, b_dec, x_centered)
         return values.clone()
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[None, None, None, Tensor | None, Tensor | None, Tensor | None]:
-        indices, x, W_enc, b_dec = ctx.saved_tensors
+    def backward(ctx, grad: Tensor) -> tuple[None, None, None, Tensor | None, Tensor | None, Tensor | None, None]:
+        indices, x, W_enc, b_dec, x_centered = ctx.saved_tensors
         S, d, n = W_enc.shape
         grad = grad.to(W_enc.dtype)
         grad_W_enc = grad_b_enc = grad_b_dec = None
         if ctx.needs_input_grad[3]:
-            x_centered = x.to(W_enc.dtype) - b_dec.unsqueeze(1)
+            if x_centered is None:
+                x_centered = x.to(W_enc.dtype) - b_dec.unsqueeze(1)
             grad_W_enc = scatter_rows(grad, indices, x_centered, n).transpose(1, 2)
         if ctx.needs_input_grad[4] or ctx.needs_input_grad[5]:
             grad_b_enc = torch.zeros(S * n, dtype=grad.dtype, device=grad.device)
@@ -130,7 +131,7 @@ class SelectPreActs(torch.autograd.Function):
             grad_b_enc = grad_b_enc.view(S, n)
             if ctx.needs_input_grad[5]:
                 grad_b_dec = -torch.bmm(W_enc, grad_b_enc.unsqueeze(-1)).squeeze(-1)
-        return None, None, None, grad_W_enc, grad_b_enc, grad_b_dec
+        return None, None, None, grad_W_enc, grad_b_enc, grad_b_dec, None
 
 
 def sparse_decode(
@@ -145,9 +146,41 @@ def sparse_decode(
 def select_pre_acts(
     values: Float[Tensor, "S B k"], indices: Int[Tensor, "S B k"], x: Float[Tensor, "S B d"],
     W_enc: Float[Tensor, "S d n"], b_enc: Float[Tensor, "S n"], b_dec: Float[Tensor, "S d"],
+    x_centered: Float[Tensor, "S B d"] | None = None,
 ) -> Float[Tensor, "S B k"]:
-    """Attach the sparse encoder backward to pre-activation ``values`` gathered at ``indices``."""
-    return SelectPreActs.apply(values, indices, x, W_enc, b_enc, b_dec)
+    """Attach the sparse encoder backward to pre-activation ``values`` gathered at ``indices``.
+
+    ``x_centered`` (``x - b_dec``, no gradient) saves the backward recomputing it when the caller has it.
+    """
+    return SelectPreActs.apply(values, indices, x, W_enc, b_enc, b_dec, x_centered)
+
+
+class SquaredError(torch.autograd.Function):
+    """Per member ``sum_b ||decoded_b + b_dec - x_b||^2`` from ``x_centered = x - b_dec``, and the difference.
+
+    One pass for the difference and one for its square sum; the backward writes one tensor
+    (``2 g · diff``) where autograd over ``(decoded + b_dec - x).pow(2).sum()`` writes four.
+    """
+
+    @staticmethod
+    def forward(ctx, decoded: Tensor, x_centered: Tensor, b_dec: Tensor) -> tuple[Tensor, Tensor]:
+        diff = decoded - x_centered
+        ctx.save_for_backward(diff)
+        ctx.mark_non_differentiable(diff)
+        return torch.linalg.vecdot(diff, diff).sum(1), diff
+
+    @staticmethod
+    def backward(ctx, grad: Tensor, _grad_diff: Tensor | None) -> tuple[Tensor, None, Tensor]:
+        (diff,) = ctx.saved_tensors
+        grad_decoded = diff * (2 * grad).view(-1, 1, 1)
+        return grad_decoded, None, grad_decoded.sum(1)
+
+
+def squared_error(
+    decoded: Float[Tensor, "S B d"], x_centered: Float[Tensor, "S B d"], b_dec: Float[Tensor, "S d"]
+) -> tuple[Float[Tensor, "S"], Float[Tensor, "S B d"]]:
+    """``(sum_b ||x_hat_b - x_b||^2 per member, x_hat - x)`` for ``x_hat = decoded + b_dec``; gradients reach ``decoded`` and ``b_dec``."""
+    return SquaredError.apply(decoded, x_centered.detach(), b_dec)
 
 
 def dense_pre_acts(
@@ -170,7 +203,7 @@ def dense_pre_acts(
 
 def encode_topk(
     x: Float[Tensor, "S B d"], W_enc: Float[Tensor, "S d n"], b_enc: Float[Tensor, "S n"], b_dec: Float[Tensor, "S d"], k: int,
-    out: Float[Tensor, "S B n"] | None = None,
+    out: Float[Tensor, "S B n"] | None = None, x_centered: Float[Tensor, "S B d"] | None = None,
 ) -> tuple[Float[Tensor, "S B k"], Int[Tensor, "S B k"], Float[Tensor, "S B n"]]:
     """TopK encoder: ``(ReLU of the k largest pre-activations, their indices, all pre-activations)``.
 
@@ -179,5 +212,5 @@ def encode_topk(
     """
     pre = dense_pre_acts(x, W_enc, b_enc, b_dec, out=out)
     top, indices = pre.topk(k, dim=-1, sorted=False)
-    values = select_pre_acts(top.to(W_enc.dtype), indices, x, W_enc, b_enc, b_dec)
+    values = select_pre_acts(top.to(W_enc.dtype), indices, x, W_enc, b_enc, b_dec, x_centered)
     return values.relu(), indices, pre

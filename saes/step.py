@@ -24,7 +24,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from interp.errors import UserError
-from saes.kernels import dense_pre_acts, encode_topk, select_pre_acts, sparse_decode
+from saes.kernels import dense_pre_acts, encode_topk, select_pre_acts, sparse_decode, squared_error
 
 __all__ = [
     "StackParams", "StepState", "StepConfig", "init_stack", "check_finite", "init_state", "sae_step_loss",
@@ -187,12 +187,24 @@ def _check(params: StackParams, x: Tensor, cfg: StepConfig) -> None:
         check_finite(x)
 
 
+def _centered_sum_sq(xc: Tensor) -> Tensor:
+    """``sum_b ||x_b - mean_b x||^2`` per member from ``xc = x - b_dec`` (shift-invariant), without writing a pass.
+
+    ``sum ||xc||^2 - B ||mean xc||^2`` accumulated in float64 (rows' squared norms in the input
+    dtype): with ``b_dec`` near the data's centre the two terms differ by orders of magnitude;
+    float32 inputs offset by 100 standard deviations still come within 1e-4 (a test).
+    """
+    B = xc.shape[1]
+    mean = xc.sum(1, dtype=torch.float64) / B
+    return (torch.linalg.vecdot(xc, xc).double().sum(1) - B * mean.pow(2).sum(-1)).to(xc.dtype)
+
+
 def _pre_buffer(params: StackParams, x: Tensor) -> Tensor | None:
     """The reused ``[S, B, n]`` pre-activation buffer on CPU (CUDA's caching allocator already reuses memory)."""
     return None if x.is_cuda else params.scratch((*x.shape[:2], params.n_latents), params.W_enc.dtype, x.device)
 
 
-def _batch_topk(params: StackParams, x: Tensor, cfg: StepConfig) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _batch_topk(params: StackParams, x: Tensor, xc: Tensor, cfg: StepConfig) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Top ``k * B`` pre-activations over the batch, from the best ``max_k_per_token`` per token.
 
     Returns ``(values [S,B,c], indices [S,B,c], pre [S,B,n], smallest kept activation [S])``;
@@ -209,11 +221,11 @@ def _batch_topk(params: StackParams, x: Tensor, cfg: StepConfig) -> tuple[Tensor
     kth = flat.kthvalue(flat.shape[1] - keep_n + 1, dim=1).values
     keep = (top >= kth.view(S, 1, 1)) & (top > 0)
     smallest = torch.where(keep, top, torch.full_like(top, math.inf)).amin(dim=(1, 2))
-    values = select_pre_acts(top, indices, x, params.W_enc, params.b_enc, params.b_dec) * keep
+    values = select_pre_acts(top, indices, x, params.W_enc, params.b_enc, params.b_dec, xc) * keep
     return values, indices, pre, smallest
 
 
-def _auxk(params: StackParams, x: Tensor, pre: Tensor, residual: Tensor, dead: Tensor, n_dead: Tensor, m: int, cfg: StepConfig) -> Tensor:
+def _auxk(params: StackParams, x: Tensor, xc: Tensor, pre: Tensor, residual: Tensor, dead: Tensor, n_dead: Tensor, m: int, cfg: StepConfig) -> Tensor:
     """AuxK reconstruction error of ``residual`` from the top dead latents, per member, unnormalized.
 
     ``n_dead`` [S] counts each member's dead latents and ``m >= 1`` is its maximum (on the host).
@@ -231,7 +243,7 @@ def _auxk(params: StackParams, x: Tensor, pre: Tensor, residual: Tensor, dead: T
         top, indices = pre.masked_fill(~dead.unsqueeze(1), -math.inf).topk(k_eff, dim=-1, sorted=False)
     valid = torch.isfinite(top)
     top = torch.where(valid, top, torch.zeros_like(top)).to(params.W_enc.dtype)
-    values = select_pre_acts(top, indices, x, params.W_enc, params.b_enc, params.b_dec).relu()
+    values = select_pre_acts(top, indices, x, params.W_enc, params.b_enc, params.b_dec, xc).relu()
     e_hat = sparse_decode(values, indices, params.W_dec)
     scale = (n_dead.to(x.dtype) / k_aux).clamp(max=1.0)
     return scale * (e_hat - residual).pow(2).sum((1, 2))
@@ -258,25 +270,26 @@ def sae_step_loss(
     S, B, _ = x.shape
     n = params.n_latents
     threshold = state.threshold
+    xc = x - params.b_dec.detach().unsqueeze(1)  # one pass shared by the encoder backward, the FVU and its variance
     if cfg.batch_topk:
-        values, indices, pre, smallest = _batch_topk(params, x, cfg)
+        values, indices, pre, smallest = _batch_topk(params, x, xc, cfg)
         smallest = torch.where(torch.isfinite(smallest), smallest, threshold)
         first = torch.isnan(threshold)
         threshold = torch.where(first, smallest, threshold + cfg.threshold_momentum * (smallest - threshold))
     else:
-        values, indices, pre = encode_topk(x, params.W_enc, params.b_enc, params.b_dec, cfg.k, out=_pre_buffer(params, x))
-    x_hat = sparse_decode(values, indices, params.W_dec) + params.b_dec.unsqueeze(1)
+        values, indices, pre = encode_topk(x, params.W_enc, params.b_enc, params.b_dec, cfg.k, out=_pre_buffer(params, x), x_centered=xc)
     if total_variance is None:
-        total_variance = (x - x.mean(1, keepdim=True)).pow(2).sum((1, 2))
+        total_variance = _centered_sum_sq(xc)
     assert total_variance.shape == (S,), f"total_variance must be [S]={S}, got {tuple(total_variance.shape)}"
     total_variance = total_variance.to(x.dtype).clamp_min(1e-12)
-    fvu = (x_hat - x).pow(2).sum((1, 2)) / total_variance
+    sq_error, diff = squared_error(sparse_decode(values, indices, params.W_dec), xc, params.b_dec)  # diff = x_hat - x
+    fvu = sq_error / total_variance
 
     dead = state.tokens_since_fired >= cfg.dead_tokens_threshold
     n_dead = dead.sum(1)
     m = int(n_dead.max()) if cfg.auxk else 0  # a host sync (AuxK's shapes depend on it)
     if m > 0:
-        auxk = _auxk(params, x, pre, (x - x_hat).detach(), dead, n_dead, m, cfg) / total_variance
+        auxk = _auxk(params, x, xc, pre, diff.neg(), dead, n_dead, m, cfg) / total_variance
     else:
         auxk = torch.zeros_like(fvu)
     loss = (fvu + cfg.aux_coef * auxk).sum()

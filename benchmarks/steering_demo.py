@@ -2,9 +2,10 @@
 
     python benchmarks/steering_demo.py --sae DIR --concept God [--keywords God,Lord] \
         [--feature ID] [--max-cost 1.5] [--clamp auto|5x] [--select-sweep 2x,3x,5x] [--positions generated] \
+        [--select-top 5 --max-nll 5.0] \
         [--sweep 0,2x,5x] [--max-new-tokens 32] [--out DIR]
 
-Choices are made on the 12 SELECTION prompts (``interp/data/steering_selection_prompts.txt``),
+Choices are made on the 48 SELECTION prompts (``interp/data/steering_selection_prompts.txt``),
 results are reported on the 36 shipped neutral prompts (chat template on), never the other way
 round. Without ``--feature``, ``saes.select_steering_feature`` takes the feature search's top
 ``--candidates`` for ``--concept`` and keeps the one whose clamp most raises the keywords'
@@ -12,6 +13,10 @@ probability (teacher-forced, at ``--select-strength``) among those whose NLL cos
 most ``--max-cost`` nats (an uncapped rerank picks capitalisation or register features that raise
 "God" by breaking the text). With ``--clamp auto`` the strength is the
 one of ``--select-sweep`` with the highest hit rate on the selection prompts (ties: lower NLL).
+With ``--select-top N`` the rerank's top N (after ``--max-cost``) are each generated at every
+``--select-sweep`` strength on the selection prompts, and the (feature, strength) pair with the
+highest hit rate among those whose NLL is at most ``--max-nll`` wins (ties: lower NLL;
+``saes.steer_select.choose_steering_pair``); every pair's row goes to ``selection.json`` first.
 Reported, with the same seeds for every setting: the unsteered model, the clamped feature, and a
 random direction added with the same norm as the clamp's push (value × ||W_dec[i]||) as the
 baseline — hit rates, NLL of each continuation set under the unsteered model, distinct-2.
@@ -28,6 +33,7 @@ from pathlib import Path
 import torch
 
 import interp
+from interp.errors import UserError
 from interp.files import atomic_write_json
 from interp.models import model_device
 from interp.steering_eval import (
@@ -52,6 +58,35 @@ def pick_strength(model, sae, feature: int, strengths: list[str], keywords: list
     return str(best["strength"]), rows
 
 
+def pick_pair(model, sae, candidates: list[dict], strengths: list[str], keywords: list[str], positions: str, max_nll: float,
+              gen: dict, out_dir: Path) -> tuple[int, str, list[dict]]:
+    """Sweep every candidate feature over ``strengths`` on the selection prompts; the best affordable pair and all rows.
+
+    The rows (without texts in the printout) are written to ``out_dir/selection.json`` before anything else runs.
+    """
+    from saes.steer_select import choose_steering_pair, load_selection_prompts
+
+    prompts, rows = load_selection_prompts(), []
+    for cand in candidates:
+        feature = int(cand["feature"])
+        sweep = strength_sweep(model, prompts, lambda s: [interp.Clamp(sae, feature, s, positions=positions)], strengths, keywords=keywords, **gen)
+        for r in sweep:
+            r.update(feature=feature, strength=str(r["strength"]), effect=cand["effect"], effect_cost=cand["nll_increase"])
+            print(f"selection: feature {feature:5d} clamp {r['strength']:>5}  hit rate {r['hit_rate']:6.1%}   NLL {r['nll']:.3f}"
+                  f"   distinct-2 {r['distinct_2']:.2f}")
+        rows += sweep
+    try:
+        best = choose_steering_pair(rows, max_nll)
+    except UserError as err:
+        sys.exit(str(err))
+    print(f"selection: chosen feature {best['feature']} at {best['strength']} (hit rate {best['hit_rate']:.1%}, NLL {best['nll']:.3f};"
+          f" budget {max_nll} nats/token, {len(prompts)} prompts)")
+    atomic_write_json(out_dir / "selection.json", {
+        "n_prompts": len(prompts), "max_nll": max_nll, "chosen": {"feature": best["feature"], "strength": best["strength"]},
+        "rows": rows, "settings": gen, "command": "python " + " ".join(sys.argv)})
+    return int(best["feature"]), str(best["strength"]), rows
+
+
 def main() -> None:
     """Run the demonstration and print its figures."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -65,6 +100,9 @@ def main() -> None:
     parser.add_argument("--select-strength", default="5x", help="clamp strength of the teacher-forced effect that ranks candidates")
     parser.add_argument("--candidates", type=int, default=20, help="feature-search candidates reranked by measured effect")
     parser.add_argument("--max-cost", type=float, default=1.5, help="skip candidates whose teacher-forced NLL cost exceeds this (nats; 'inf' keeps all)")
+    parser.add_argument("--select-top", type=int, default=0,
+                        help="sweep the rerank's top N features at every --select-sweep strength and pick the pair by --max-nll (0: off)")
+    parser.add_argument("--max-nll", type=float, default=5.0, help="selection NLL budget (nats/token under the unsteered model) for --select-top")
     parser.add_argument("--positions", default="generated", choices=["generated", "all"], help="where the clamp acts")
     parser.add_argument("--sweep", default="", help="strengths swept on the reported prompts too (slow; e.g. 0,2x,5x)")
     parser.add_argument("--max-new-tokens", type=int, default=40)
@@ -76,6 +114,8 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=None, help="use only the first N shipped prompts (smoke runs)")
     parser.add_argument("--out", default="steering_demo")
     args = parser.parse_args()
+    if args.select_top > 0 and args.feature is not None:
+        sys.exit("--select-top chooses the feature itself; drop --feature")
 
     import saes
 
@@ -99,8 +139,12 @@ def main() -> None:
             sys.exit(f"no candidate's NLL cost is <= --max-cost {args.max_cost} nats; raise --max-cost or lower --select-strength")
         feature = int(affordable[0]["feature"])
     clamp_value, selection_sweep = args.clamp, []
-    if args.clamp == "auto":
-        clamp_value, selection_sweep = pick_strength(model, sae, feature, [s.strip() for s in args.select_sweep.split(",") if s.strip()], keywords, args.positions, gen)
+    select_strengths = [s.strip() for s in args.select_sweep.split(",") if s.strip()]
+    if args.select_top > 0:
+        feature, clamp_value, selection_sweep = pick_pair(model, sae, affordable[: args.select_top], select_strengths, keywords, args.positions,
+                                                          args.max_nll, gen, Path(args.out))
+    elif args.clamp == "auto":
+        clamp_value, selection_sweep = pick_strength(model, sae, feature, select_strengths, keywords, args.positions, gen)
     prompts = load_steering_prompts()[: args.prompts]
 
     clamp = interp.Clamp(sae, feature, clamp_value, positions=args.positions)
@@ -124,7 +168,9 @@ def main() -> None:
         print(f"{name:<40} hit rate {summary[name]['hit_rate']:6.1%}   NLL {summary[name]['nll']:.3f} nats/token   distinct-2 {summary[name]['distinct_2']:.2f}")
 
     strengths = [s.strip() for s in args.sweep.split(",") if s.strip()]
-    curves = {f"clamp feature {feature}, selection prompts": selection_sweep} if selection_sweep else {}
+    curves = {}
+    for f in dict.fromkeys(r.get("feature", feature) for r in selection_sweep):
+        curves[f"clamp feature {f}, selection prompts"] = [r for r in selection_sweep if r.get("feature", feature) == f]
     if strengths:
         curves[f"clamp feature {feature}, reported prompts"] = strength_sweep(
             model, prompts, lambda s: [interp.Clamp(sae, feature, s, positions=args.positions)], strengths, keywords=keywords, **gen)
@@ -132,7 +178,7 @@ def main() -> None:
     out_dir = Path(args.out)
     write_sweep_html(curves, out_dir / "sweep.html", title=f"Steering toward '{args.concept}': concept vs fluency")
     atomic_write_json(out_dir / "demo.json", {
-        "model": args.model, "sae": args.sae, "feature": feature, "max_cost": args.max_cost, "search": search, "keywords": keywords,
+        "model": args.model, "sae": args.sae, "feature": feature, "max_cost": args.max_cost, "select_top": args.select_top, "max_nll": args.max_nll, "search": search, "keywords": keywords,
         "clamp": clamp_value, "positions": args.positions, "selection_prompts": "interp/data/steering_selection_prompts.txt", "settings": gen, "n_prompts": len(prompts), "results": summary,
         "sweep": {k: [{kk: vv for kk, vv in r.items() if kk != "texts"} for r in rows] for k, rows in curves.items()},
         "command": "python " + " ".join(sys.argv),

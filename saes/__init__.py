@@ -37,6 +37,7 @@ _EXPORTS: dict[str, str] = {
     "select_steering_feature": "saes.steer_select",
     "steering_effect": "saes.steer_select",
     "predictive_search": "saes.steer_select",
+    "choose_steering_pair": "saes.steer_select",
     "Dashboard": "saes.dashboard",
     "build_dashboard": "saes.dashboard",
 }

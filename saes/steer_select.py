@@ -30,7 +30,7 @@ from torch import Tensor
 from interp.errors import UserError
 from interp.models import model_device
 
-__all__ = ["select_steering_feature", "steering_effect", "predictive_search", "keyword_token_ids", "load_selection_prompts"]
+__all__ = ["select_steering_feature", "steering_effect", "predictive_search", "keyword_token_ids", "load_selection_prompts", "choose_steering_pair"]
 
 
 def load_selection_prompts() -> list[str]:
@@ -219,3 +219,15 @@ def select_steering_feature(
     for row, effect, cost in zip(rows, measured["effect"].tolist(), measured["nll_increase"].tolist()):
         row.update(effect=effect, nll_increase=cost)
     return sorted(rows, key=lambda r: -r["effect"])
+
+
+def choose_steering_pair(rows: Sequence[dict[str, Any]], max_nll: float) -> dict[str, Any]:
+    """The (feature, strength) row with the highest selection hit rate among rows whose NLL is at most ``max_nll``.
+
+    Rows carry ``hit_rate`` and ``nll`` (nats/token under the unsteered model); ties go to the lower
+    NLL, then to the earlier row. A row with a NaN NLL is never affordable.
+    """
+    affordable = [(i, r) for i, r in enumerate(rows) if r["nll"] <= max_nll]  # NaN <= x is False
+    if not affordable:
+        raise UserError(f"no (feature, strength) pair has a selection NLL <= {max_nll} nats/token; raise --max-nll or add weaker strengths")
+    return min(affordable, key=lambda ir: (-ir[1]["hit_rate"], ir[1]["nll"], ir[0]))[1]

@@ -3,6 +3,8 @@ one feature at a time, the rerank order, and the predictive search against a loo
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -10,7 +12,14 @@ import interp
 from interp.errors import UserError
 from interp.steering_positions import Positions
 from saes.search import log_odds
-from saes.steer_select import keyword_token_ids, load_selection_prompts, predictive_search, select_steering_feature, steering_effect
+from saes.steer_select import (
+    choose_steering_pair,
+    keyword_token_ids,
+    load_selection_prompts,
+    predictive_search,
+    select_steering_feature,
+    steering_effect,
+)
 from steering_fixtures import ToyTopKSAE, tiny_llama
 
 HOOK = "blocks.0.hook_resid_post"
@@ -25,11 +34,47 @@ def toy():
     return model, sae
 
 
+def _words(text: str) -> set[str]:
+    return set(re.findall(r"[a-z']+", text.lower()))
+
+
 def test_selection_prompts_are_apart_from_reported_ones():
     from interp.steering_eval import load_steering_prompts
 
-    selection = load_selection_prompts()
-    assert len(selection) >= 12 and not set(selection) & set(load_steering_prompts())
+    selection, reported = load_selection_prompts(), load_steering_prompts()
+    assert len(selection) >= 48 and len(set(selection)) == len(selection)
+    assert not set(selection) & set(reported)
+    # near-equal = same words but for one swapped noun or fewer (word-set Jaccard >= 0.75)
+    for s in selection:
+        for r in reported:
+            assert len(_words(s) & _words(r)) / len(_words(s) | _words(r)) < 0.75, (s, r)
+
+
+def test_selection_prompts_do_not_name_the_steered_concepts():
+    concept_words = re.compile(r"\b(god|lord|jesus|heaven|divine|holy|church|bible|pray|python|code|coding|program|computer|software"
+                               r"|king|queen|royal|throne|snake|language)", re.IGNORECASE)
+    assert [p for p in load_selection_prompts() if concept_words.search(p)] == []
+
+
+def _row(feature: int, strength: str, hit_rate: float, nll: float) -> dict:
+    return {"feature": feature, "strength": strength, "hit_rate": hit_rate, "nll": nll}
+
+
+def test_choose_pair_takes_best_hit_rate_within_the_nll_budget():
+    rows = [_row(1, "3x", 0.10, 2.0), _row(1, "8x", 0.90, 6.5), _row(2, "5x", 0.40, 4.9), _row(3, "5x", 0.35, 3.0)]
+    assert choose_steering_pair(rows, 5.0) is rows[2]  # 8x is over budget despite its 90 %
+    assert choose_steering_pair(rows, 7.0) is rows[1]
+    assert choose_steering_pair(rows, 4.89) is rows[3]  # 40 % at NLL 4.9 is now over budget
+    assert choose_steering_pair(rows, 4.9) is rows[2]  # the budget is inclusive
+
+
+def test_choose_pair_breaks_ties_by_lower_nll_then_order_and_skips_nan():
+    rows = [_row(1, "3x", 0.5, 4.0), _row(2, "3x", 0.5, 3.5), _row(3, "5x", 0.5, 3.5), _row(4, "8x", 0.9, float("nan"))]
+    assert choose_steering_pair(rows, 5.0) is rows[1]
+    with pytest.raises(UserError, match="max-nll"):
+        choose_steering_pair(rows, 3.0)
+    with pytest.raises(UserError, match="max-nll"):
+        choose_steering_pair([], 5.0)
 
 
 def test_keyword_token_ids_are_single_token_spellings(toy):

@@ -48,8 +48,13 @@ def load_steering_prompts() -> list[str]:
 
 
 def mentions(text: str, keywords: Sequence[str]) -> bool:
-    """Whether ``text`` contains any keyword at the start of a word (case-insensitive)."""
-    return any(re.search(r"\b" + re.escape(k.lower()), text.lower()) for k in keywords if k.strip())
+    """Whether ``text`` names any keyword as a whole word, optionally plural or possessive (case-insensitive).
+
+    "Lord" counts in "Lord", "Lords" and "Lord's" but not in "Lorde"; "code" in "codes" but not in
+    "codec" (list "coding" or "heavenly" yourself if they should count).
+    """
+    lowered = text.lower()
+    return any(re.search(r"(?<!\w)" + re.escape(k.strip().lower()) + r"(?:s|es|'s|\u2019s)?(?!\w)", lowered) for k in keywords if k.strip())
 
 
 def concept_hit_rate(texts: Sequence[str], keywords: Sequence[str]) -> float:

@@ -1,9 +1,10 @@
 """Resuming ``interp steer`` sweeps: the output JSON is rewritten after every strength.
 
 A rerun with the same ``--out`` reuses the unsteered continuations and every strength already
-done when its run key matches: same model, intervention, positions, generation settings,
-keywords, prompts and the same steering weights (a digest of the SAE's or vector's tensors). Any
-other file at ``--out`` is replaced, as before.
+done when its run key matches: same model, device, dtype, intervention, positions, generation
+settings, prompts and the same steering weights (a digest of the SAE's or vector's tensors).
+Reused results are re-scored from their texts, so a changed ``--keywords`` costs no generation.
+Any other file at ``--out`` is replaced, as before.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 
 from interp.files import atomic_write_json
 
-__all__ = ["run_key", "previous_run", "save_run"]
+__all__ = ["run_key", "previous_run", "rescore", "save_run"]
 
 
 def _tensors(source: Any) -> list[torch.Tensor]:
@@ -42,12 +43,28 @@ def previous_run(out: Path | None, key: str, strengths: list[str]) -> tuple[dict
         return None, {}
     try:
         data = json.loads(Path(out).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None, {}
     if not isinstance(data, dict) or data.get("run_key") != key or not isinstance(data.get("base"), dict):
         return None, {}
-    done = {r["strength"]: r for r in data.get("results", []) if isinstance(r, dict) and r.get("strength") in strengths}
-    return data["base"], done
+    results = data.get("results")
+    rows = [r for r in results if isinstance(r, dict) and r.get("strength") in strengths] if isinstance(results, list) else []
+    if not isinstance(data["base"].get("texts"), list) or not all(isinstance(r.get("samples"), list) for r in rows):
+        return None, {}
+    return data["base"], {r["strength"]: r for r in rows}
+
+
+def rescore(result: dict[str, Any], words: list[str] | None) -> dict[str, Any]:
+    """A reused result with its hit rates recomputed from its texts (keywords or the rule may have changed)."""
+    from interp.steering_eval import concept_hit_rate
+
+    samples = result["samples"]
+    result = dict(result)
+    for field, text in (("hit_rate", "steered"), ("base_hit_rate", "base"), ("random_hit_rate", "random")):
+        if field in result or field == "hit_rate":
+            texts = [s.get(text, "") for s in samples]
+            result[field] = concept_hit_rate(texts, words) if words else None
+    return result
 
 
 def save_run(out: Path, header: dict[str, Any], key: str, base: dict[str, Any], results: list[dict], complete: bool) -> None:

@@ -54,7 +54,16 @@ def mentions(text: str, keywords: Sequence[str]) -> bool:
     "codec" (list "coding" or "heavenly" yourself if they should count).
     """
     lowered = text.lower()
-    return any(re.search(r"(?<!\w)" + re.escape(k.strip().lower()) + r"(?:s|es|'s|\u2019s)?(?!\w)", lowered) for k in keywords if k.strip())
+    return any(re.search(_keyword_pattern(k), lowered) for k in keywords if k.strip())
+
+
+def _keyword_pattern(keyword: str) -> str:
+    """Regex for one keyword: whole word(s), any whitespace between words, English plural ("-s",
+    "-es" after s/x/z/ch/sh/o) or possessive ending."""
+    word = keyword.strip().lower()
+    body = r"\s+".join(re.escape(part) for part in word.split())
+    plural = "(?:es|s)" if re.search(r"(?:s|x|z|ch|sh|o)$", word) else "s"
+    return r"(?<!\w)" + body + r"(?:" + plural + r"|'s|\u2019s)?(?!\w)"
 
 
 def concept_hit_rate(texts: Sequence[str], keywords: Sequence[str]) -> float:

@@ -144,9 +144,10 @@ def test_eval_metrics_by_hand(model, tmp_path):
     assert concept_hit_rate(["The Golden Gate bridges", "a cat", "GOLDEN hour", "ungolden"], ["golden"]) == 0.5
     # whole words with a plural or possessive ending only: no "Lorde", "codec" or "heavenly"
     hits = ["The Lord had", "two lords", "the Lord's day", "my Lord\u2019s", "codes", "in C++.", "Lord."]
-    misses = ["Lorde sang", "a codec", "heavenly", "overlord", "Lordy"]
+    misses = ["Lorde sang", "a codec", "heavenly", "overlord", "Lordy", "Lordes"]
     assert concept_hit_rate(hits, ["Lord", "code", "C++", "heaven"]) == 1.0
     assert concept_hit_rate(misses, ["Lord", "code", "C++", "heaven"]) == 0.0
+    assert concept_hit_rate(["two boxes", "the churches", "New\n York", "times"], ["box", "church", "new york", "tim"]) == 0.75
     assert distinct_n(["a b a b", "a b"], 2) == pytest.approx(2 / 4)
     assert repetition_rate([[1, 2, 3, 1, 2, 3], [5, 6, 7]], 3) == pytest.approx((1 - 3 / 4) / 2)
     vec = torch.randn(64)

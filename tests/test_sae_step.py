@@ -57,12 +57,13 @@ def _dense_loss(p, x, cfg, dead):
     return (fvu + cfg.aux_coef * auxk).sum(), fvu, auxk, f
 
 
+@pytest.mark.parametrize("batch_topk", [False, True])
 @pytest.mark.parametrize("n_dead", [0, 5, 30])  # none, few (gathered columns), most (masked full rows)
-def test_step_matches_dense_reference_with_auxk(n_dead):
+def test_step_matches_dense_reference_with_auxk(n_dead, batch_topk):
     S, B, d, n = 2, 24, 8, 40
     params = _stack(S, d, n, seed=n_dead)
-    x = torch.randn(S, B, d, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    cfg = StepConfig(k=4, k_aux=6, dead_tokens_threshold=100)
+    x = torch.randn(S, B, d, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) + 3.0  # off-centre
+    cfg = StepConfig(k=4, k_aux=6, dead_tokens_threshold=100, batch_topk=batch_topk, max_k_per_token=n if batch_topk else None)
     state = init_state(S, n)
     state.tokens_since_fired[0, :n_dead] = 1000
     state.tokens_since_fired[1, n - n_dead // 2:] = 1000  # members differ in how many latents are dead

@@ -344,3 +344,36 @@ def test_cli_steer_random_baseline_matches_the_push(sae_dir, tmp_path):
     bad = CliRunner().invoke(app, ["steer", "--model", "tiny-random", "--sae", str(sae_dir), "--feature", "3", "--scale", "2",
                                    "--prompt", "x", "--device", "cpu", "--random-baseline"])
     assert bad.exit_code == 2 and "--random-baseline needs" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_cli_steer_resume_rescores_and_ignores_broken_files(sae_dir, tmp_path, monkeypatch):
+    import json
+
+    from typer.testing import CliRunner
+
+    import interp
+    from experiments.cli import app
+    from interp.steering_eval import concept_hit_rate
+
+    out = tmp_path / "steer.json"
+    args = ["steer", "--model", "tiny-random", "--sae", str(sae_dir), "--feature", "3", "--prompt", "The cat", "--prompt", "a dog",
+            "--max-new-tokens", "3", "--temperature", "0", "--no-chat", "--device", "cpu", "--out", str(out), "--sweep", "0,40"]
+    assert CliRunner().invoke(app, [*args, "--keywords", "the"]).exit_code == 0
+    real, calls = interp.generate, []
+    monkeypatch.setattr(interp, "generate", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    # other keywords: nothing is generated again, every hit rate is recomputed from the stored texts
+    assert CliRunner().invoke(app, [*args, "--keywords", "a"]).exit_code == 0 and calls == []
+    data = json.loads(out.read_text())
+    assert data["keywords"] == ["a"]
+    for row in data["results"]:
+        assert row["hit_rate"] == concept_hit_rate([s["steered"] for s in row["samples"]], ["a"])
+        assert row["base_hit_rate"] == concept_hit_rate([s["base"] for s in row["samples"]], ["a"])
+    # broken results under the right key: the base is kept, the strengths are generated again
+    data["results"] = None
+    out.write_text(json.dumps(data))
+    assert CliRunner().invoke(app, [*args, "--keywords", "a"]).exit_code == 0 and len(calls) == 2
+    # a file nested too deep for the JSON parser starts over without a traceback
+    out.write_text("[" * 100000 + "]" * 100000)
+    assert CliRunner().invoke(app, [*args, "--keywords", "a"]).exit_code == 0 and len(calls) == 5
+    bad = CliRunner().invoke(app, [*args[:-4], "--out", str(tmp_path / "run.html"), "--sweep", "0"])
+    assert bad.exit_code == 2 and "is the JSON file" in bad.stderr

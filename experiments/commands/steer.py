@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from experiments.app import command, console
-from experiments.steer_resume import previous_run, run_key, save_run
+from experiments.steer_resume import previous_run, rescore, run_key, save_run
 from interp.errors import UserError
 
 
@@ -153,6 +153,8 @@ def steer(
     import interp
     from interp.steering_eval import concept_hit_rate, continuation_nll, load_steering_prompts
 
+    if out is not None and Path(out).suffix.lower() == ".html":
+        raise UserError(f"--out {out} is the JSON file (the curve goes beside it as .html); give a path like run.json")
     modes = [m for m, on in (("clamp", clamp is not None), ("scale", scale is not None), ("ablate", ablate), ("add", coef is not None)) if on]
     if len(modes) > 1:
         raise UserError(f"choose one of --clamp, --scale, --ablate, --coef (got {', '.join('--' + m for m in modes)})")
@@ -175,10 +177,16 @@ def steer(
     baselines = {strength: _random_like(ivs, seed) for strength, ivs in plans} if random_baseline else {}
     from interp.models import model_name as name_of
 
+    from interp.models import model_device
+
     settings = {k: v for k, v in gen_kw.items() if k != "progress"}
     header = {"model": name_of(model), "intervention": desc, "positions": positions, "settings": settings, "keywords": words, "random_baseline": random_baseline}
-    key = run_key(header, samples, source)
+    # Keywords only score texts (reused results are re-scored), so they stay out of the run key;
+    # the device and dtype decide the sampled tokens, so they go in.
+    weights = next(model.parameters())
+    key = run_key({**header, "keywords": None, "device": str(model_device(model)), "dtype": str(weights.dtype)}, samples, source)
     base, done = previous_run(out, key, strengths)
+    done = {strength: rescore(result, words) for strength, result in done.items()}
     if done:
         console.print(f"resuming {out}: {len(done)} of {len(strengths)} strengths already done")
     if base is None:

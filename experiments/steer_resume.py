@@ -55,15 +55,14 @@ def previous_run(out: Path | None, key: str, strengths: list[str]) -> tuple[dict
 
 
 def rescore(result: dict[str, Any], words: list[str] | None) -> dict[str, Any]:
-    """A reused result with its hit rates recomputed from its texts (keywords or the rule may have changed)."""
+    """``result`` with its hit rates computed from its texts (steered, base and, when present, random)."""
     from interp.steering_eval import concept_hit_rate
 
     samples = result["samples"]
     result = dict(result)
     for field, text in (("hit_rate", "steered"), ("base_hit_rate", "base"), ("random_hit_rate", "random")):
-        if field in result or field == "hit_rate":
-            texts = [s.get(text, "") for s in samples]
-            result[field] = concept_hit_rate(texts, words) if words else None
+        if text != "random" or (samples and "random" in samples[0]):
+            result[field] = concept_hit_rate([s.get(text, "") for s in samples], words) if words else None
     return result
 
 

@@ -151,7 +151,7 @@ def steer(
     run uses the same seeds, so differences come from the intervention only.
     """
     import interp
-    from interp.steering_eval import concept_hit_rate, continuation_nll, load_steering_prompts
+    from interp.steering_eval import continuation_nll, load_steering_prompts
 
     if out is not None and Path(out).suffix.lower() == ".html":
         raise UserError(f"--out {out} is the JSON file (the curve goes beside it as .html); give a path like run.json")
@@ -175,9 +175,8 @@ def steer(
     # Build every intervention up front, so a bad strength fails before any generation.
     plans = [(strength, make(strength)) for strength in strengths]
     baselines = {strength: _random_like(ivs, seed) for strength, ivs in plans} if random_baseline else {}
-    from interp.models import model_name as name_of
-
     from interp.models import model_device
+    from interp.models import model_name as name_of
 
     settings = {k: v for k, v in gen_kw.items() if k != "progress"}
     header = {"model": name_of(model), "intervention": desc, "positions": positions, "settings": settings, "keywords": words, "random_baseline": random_baseline}
@@ -186,7 +185,6 @@ def steer(
     weights = next(model.parameters())
     key = run_key({**header, "keywords": None, "device": str(model_device(model)), "dtype": str(weights.dtype)}, samples, source)
     base, done = previous_run(out, key, strengths)
-    done = {strength: rescore(result, words) for strength, result in done.items()}
     if done:
         console.print(f"resuming {out}: {len(done)} of {len(strengths)} strengths already done")
     if base is None:
@@ -196,25 +194,24 @@ def steer(
             save_run(out, header, key, base, [], complete=False)
     results = []
     for strength, interventions in plans:
+        # Hit rates always come from the texts (rescore), for new and reused strengths alike:
+        # the keywords may have changed since a reused strength was generated.
         if strength in done:
-            results.append(done[strength])
+            results.append(rescore(done[strength], words))
             continue
         run = interp.generate(model, samples, interventions, **gen_kw)
-        nll = continuation_nll(model, run.prompt_tokens, run.tokens)
-        results.append({
+        row = {
             "strength": strength,
-            "hit_rate": concept_hit_rate(run.texts, words) if words else None,
-            "base_hit_rate": concept_hit_rate(base["texts"], words) if words else None,
-            "nll": float(nll.nanmean()),
+            "nll": float(continuation_nll(model, run.prompt_tokens, run.tokens).nanmean()),
             "base_nll": base["nll"],
             "samples": [{"prompt": p, "base": b, "steered": s} for p, b, s in zip(samples, base["texts"], run.texts)],
-        })
+        }
         if random_baseline:
             rnd = interp.generate(model, samples, baselines[strength], **gen_kw)
-            results[-1].update(random_hit_rate=concept_hit_rate(rnd.texts, words) if words else None,
-                               random_nll=float(continuation_nll(model, rnd.prompt_tokens, rnd.tokens).nanmean()))
-            for sample, text in zip(results[-1]["samples"], rnd.texts):
+            row["random_nll"] = float(continuation_nll(model, rnd.prompt_tokens, rnd.tokens).nanmean())
+            for sample, text in zip(row["samples"], rnd.texts):
                 sample["random"] = text
+        results.append(rescore(row, words))
         if out is not None:  # after every strength, so an interrupted sweep resumes here
             save_run(out, header, key, base, results, complete=False)
     table = Table(title=f"steering ({desc.get('mode')}) — chat template {'on' if chat else 'off'}", show_lines=True)

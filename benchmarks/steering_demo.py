@@ -87,6 +87,20 @@ def pick_pair(model, sae, candidates: list[dict], strengths: list[str], keywords
     return int(best["feature"]), str(best["strength"]), rows
 
 
+def load_search(path: str, sae_dir: str, keywords: list[str]) -> list[dict]:
+    """The reranked candidates saved in an earlier run's ``demo.json``, after checking it searched the same SAE and keywords."""
+    import json
+
+    try:
+        saved = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        sys.exit(f"--search-from {path}: cannot read it ({err}); point it at an earlier run's demo.json")
+    if Path(saved.get("sae", "")).resolve() != Path(sae_dir).resolve() or saved.get("keywords") != keywords or not saved.get("search"):
+        sys.exit(f"--search-from {path}: that run searched {saved.get('sae')!r} for {saved.get('keywords')}, not {sae_dir!r} for {keywords};"
+                 " drop --search-from to search again")
+    return saved["search"]
+
+
 def main() -> None:
     """Run the demonstration and print its figures."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -111,7 +125,12 @@ def main() -> None:
     parser.add_argument("--baseline-tokens", type=int, default=32_768, help="baseline corpus tokens for the feature search")
     parser.add_argument("--stats-tokens", type=int, default=32_768,
                         help="corpus tokens scanned for max activations when the SAE has no feature stats yet")
-    parser.add_argument("--prompts", type=int, default=None, help="use only the first N shipped prompts (smoke runs)")
+    parser.add_argument("--prompts", type=int, default=None, help="use only the first N prompts of each reported set (smoke runs)")
+    parser.add_argument("--prompt-set", default="shipped", choices=["shipped", "fresh", "both"],
+                        help="reported prompts: the 36 shipped ones, the 36 fresh (held-out replication) ones, or both (hit rates per set too)")
+    parser.add_argument("--search-from", default=None,
+                        help="reuse the reranked candidates in an earlier run's demo.json (same SAE and keywords) instead of searching again")
+    parser.add_argument("--select-only", action="store_true", help="with --select-top: stop once selection.json is written")
     parser.add_argument("--out", default="steering_demo")
     args = parser.parse_args()
     if args.select_top > 0 and args.feature is not None:
@@ -130,8 +149,11 @@ def main() -> None:
     search = []
     feature = args.feature
     if feature is None:
-        search = saes.select_steering_feature(sae, model, args.concept, keywords, n_candidates=args.candidates, strength=args.select_strength,
-                                              positions=args.positions, n_baseline_tokens=args.baseline_tokens, progress=True)
+        if args.search_from:
+            search = load_search(args.search_from, args.sae, keywords)
+        else:
+            search = saes.select_steering_feature(sae, model, args.concept, keywords, n_candidates=args.candidates, strength=args.select_strength,
+                                                  positions=args.positions, n_baseline_tokens=args.baseline_tokens, progress=True)
         for r in search[:5]:
             print(f"candidate {r['feature']:5d}  search rank {r['search_rank']:2d}  effect {r['effect']:+.2f} nats  NLL cost {r['nll_increase']:+.2f}")
         affordable = [r for r in search if r["nll_increase"] <= args.max_cost]
@@ -143,9 +165,14 @@ def main() -> None:
     if args.select_top > 0:
         feature, clamp_value, selection_sweep = pick_pair(model, sae, affordable[: args.select_top], select_strengths, keywords, args.positions,
                                                           args.max_nll, gen, Path(args.out))
+        if args.select_only:
+            print(f"--select-only: stopping; selection in {Path(args.out) / 'selection.json'}")
+            return
     elif args.clamp == "auto":
         clamp_value, selection_sweep = pick_strength(model, sae, feature, select_strengths, keywords, args.positions, gen)
-    prompts = load_steering_prompts()[: args.prompts]
+    names = ["shipped", "fresh"] if args.prompt_set == "both" else [args.prompt_set]
+    prompt_sets = {name: load_steering_prompts(name)[: args.prompts] for name in names}
+    prompts = [p for ps in prompt_sets.values() for p in ps]
 
     clamp = interp.Clamp(sae, feature, clamp_value, positions=args.positions)
     push = float(clamp.values[0]) * float(sae.W_dec[feature].detach().norm())
@@ -165,7 +192,14 @@ def main() -> None:
             "distinct_2": distinct_n(out.texts, 2),
             "samples": [{"prompt": p, "text": t} for p, t in zip(prompts, out.texts)],
         }
-        print(f"{name:<40} hit rate {summary[name]['hit_rate']:6.1%}   NLL {summary[name]['nll']:.3f} nats/token   distinct-2 {summary[name]['distinct_2']:.2f}")
+        start = 0
+        if len(prompt_sets) > 1:
+            summary[name]["hit_rate_by_set"] = {}
+            for set_name, ps in prompt_sets.items():
+                summary[name]["hit_rate_by_set"][set_name] = concept_hit_rate(out.texts[start: start + len(ps)], keywords)
+                start += len(ps)
+        by_set = "".join(f"  [{k}: {v:.1%}]" for k, v in summary[name].get("hit_rate_by_set", {}).items())
+        print(f"{name:<40} hit rate {summary[name]['hit_rate']:6.1%}   NLL {summary[name]['nll']:.3f} nats/token   distinct-2 {summary[name]['distinct_2']:.2f}{by_set}")
 
     strengths = [s.strip() for s in args.sweep.split(",") if s.strip()]
     curves = {}
@@ -179,7 +213,7 @@ def main() -> None:
     write_sweep_html(curves, out_dir / "sweep.html", title=f"Steering toward '{args.concept}': concept vs fluency")
     atomic_write_json(out_dir / "demo.json", {
         "model": args.model, "sae": args.sae, "feature": feature, "max_cost": args.max_cost, "select_top": args.select_top, "max_nll": args.max_nll, "search": search, "keywords": keywords,
-        "clamp": clamp_value, "positions": args.positions, "selection_prompts": "interp/data/steering_selection_prompts.txt", "settings": gen, "n_prompts": len(prompts), "results": summary,
+        "clamp": clamp_value, "positions": args.positions, "selection_prompts": "interp/data/steering_selection_prompts.txt", "settings": gen, "n_prompts": len(prompts), "prompt_set": args.prompt_set, "search_from": args.search_from, "results": summary,
         "sweep": {k: [{kk: vv for kk, vv in r.items() if kk != "texts"} for r in rows] for k, rows in curves.items()},
         "command": "python " + " ".join(sys.argv),
         "torch": torch.__version__,

@@ -50,10 +50,31 @@ def test_selection_prompts_are_apart_from_reported_ones():
             assert len(_words(s) & _words(r)) / len(_words(s) | _words(r)) < 0.75, (s, r)
 
 
+def test_fresh_prompts_are_apart_from_selection_and_shipped_ones():
+    from interp.steering_eval import load_steering_prompts
+
+    fresh, shipped, selection = load_steering_prompts("fresh"), load_steering_prompts(), load_selection_prompts()
+    assert len(fresh) >= 36 and len(set(fresh)) == len(fresh)
+    for f in fresh:
+        for other in shipped + selection:
+            assert len(_words(f) & _words(other)) / len(_words(f) | _words(other)) < 0.75, (f, other)
+
+
+def test_unknown_prompt_set_is_a_one_line_error():
+    from interp.errors import UserError
+    from interp.steering_eval import load_steering_prompts
+
+    with pytest.raises(UserError, match="unknown prompt set 'held-out'; use one of shipped, fresh"):
+        load_steering_prompts("held-out")
+
+
 def test_selection_prompts_do_not_name_the_steered_concepts():
     concept_words = re.compile(r"\b(god|lord|jesus|heaven|divine|holy|church|bible|pray|python|code|coding|program|computer|software"
                                r"|king|queen|royal|throne|snake|language)", re.IGNORECASE)
-    assert [p for p in load_selection_prompts() if concept_words.search(p)] == []
+    from interp.steering_eval import load_steering_prompts
+
+    neutral = load_selection_prompts() + load_steering_prompts("fresh")
+    assert [p for p in neutral if concept_words.search(p)] == []
 
 
 def _row(feature: int, strength: str, hit_rate: float, nll: float) -> dict:

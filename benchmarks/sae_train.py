@@ -26,7 +26,7 @@ from collections.abc import Callable
 
 import torch
 
-from saes.step import StepConfig, constrain_decoder_grad, init_stack, init_state, input_scale, normalize_decoder, sae_step_loss
+from saes.step import DEFAULT_ENC_INIT_SCALE, StepConfig, constrain_decoder_grad, init_stack, init_state, input_scale, normalize_decoder, sae_step_loss
 
 
 def synthetic(n_rows: int, d_in: int, n_true: int, k: int, seed: int) -> torch.Tensor:
@@ -45,7 +45,7 @@ def fvu(x: torch.Tensor, x_hat: torch.Tensor) -> float:
 
 
 DEVICE = torch.device("cpu")
-ENC_INIT_SCALE = 1.0
+ENC_INIT_SCALE = DEFAULT_ENC_INIT_SCALE
 
 
 def matmul_flops(batch: int, d_in: int, n: int, repeats: int = 3) -> tuple[float, float]:
@@ -180,7 +180,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (allocations, Triton compiles)")
     parser.add_argument("--profile", action="store_true", help="print our step's operator profile per size")
-    parser.add_argument("--enc-init-scale", type=float, default=1.0, help="ours and dense: W_enc = s * W_dec^T at init (0.58: sparsify's)")
+    parser.add_argument("--enc-init-scale", type=float, default=DEFAULT_ENC_INIT_SCALE, help="ours and dense: W_enc = s * W_dec^T at init (default 1/sqrt(3), as sparsify; 1: exact transpose)")
     args = parser.parse_args()
     global DEVICE, ENC_INIT_SCALE
     DEVICE, ENC_INIT_SCALE = torch.device(args.device), args.enc_init_scale

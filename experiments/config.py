@@ -99,8 +99,8 @@ class SAEConfig:
     """Train BatchTopK instead of per-token TopK."""
     auxk: bool = True
     """AuxK loss on dead latents."""
-    enc_init_scale: float = 1.0
-    """Encoder init W_enc = enc_init_scale * W_dec^T (1: Gao et al.; 0.58: eai-sparsify's scale)."""
+    enc_init_scale: float = 3 ** -0.5  # saes.step.DEFAULT_ENC_INIT_SCALE (not imported: config parsing stays torch-free)
+    """Encoder init W_enc = enc_init_scale * W_dec^T (default 1/sqrt(3): Gao et al.'s reference code and eai-sparsify; 1: exact transpose)."""
     checkpoint_every: int = 200
     """Steps between atomic checkpoints."""
 

@@ -143,7 +143,7 @@ def build(cfg: StudyConfig, model: Any, log: Callable[[dict], None], progress: b
 
     def sae_inputs() -> Any:
         plain = inputs(s)()
-        # enc_init_scale joined [sae] later: at its default, earlier runs keep their stage keys.
+        # enc_init_scale joined [sae] later, at 1.0 (the default then): runs made at 1.0 keep their stage keys.
         if plain[2].get("enc_init_scale") == 1.0:
             del plain[2]["enc_init_scale"]
         return plain

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from interp.errors import UserError, suggest
+from saes.step import DEFAULT_ENC_INIT_SCALE
 
 __all__ = ["TrainConfig", "default_lr", "sae_name"]
 
@@ -73,8 +74,9 @@ class TrainConfig:
     """BatchTopK: weight of the newest batch in the running inference threshold."""
     b_dec_init: str = "geometric_median"
     """Decoder bias init from a sample: 'geometric_median' or 'mean'."""
-    enc_init_scale: float = 1.0
-    """Encoder init ``W_enc = enc_init_scale * W_dec^T``: 1 is Gao et al.'s; 0.58 matches eai-sparsify's."""
+    enc_init_scale: float = DEFAULT_ENC_INIT_SCALE
+    """Encoder init ``W_enc = enc_init_scale * W_dec^T``: 1/sqrt(3) (the default) is the tied init of
+    Gao et al.'s reference code and of eai-sparsify (``saes.step.DEFAULT_ENC_INIT_SCALE``); 1 is the exact transpose."""
     init_sample_rows: int = 4096
     """Rows read per hook to estimate the input scaling factor and initialise b_dec."""
     checkpoint_every: int = 1000
@@ -162,7 +164,7 @@ class TrainConfig:
         if self.aux_coef < 0 or (self.k_aux is not None and self.k_aux <= 0):
             raise UserError("aux_coef must be >= 0 and k_aux positive")
         if not (math.isfinite(self.enc_init_scale) and self.enc_init_scale > 0):
-            raise UserError(f"enc_init_scale must be > 0, got {self.enc_init_scale}; 1 is the transpose init, 0.58 sparsify's scale")
+            raise UserError(f"enc_init_scale must be > 0, got {self.enc_init_scale}; 1 is the exact transpose init, 0.577 (the default) Gao et al.'s and sparsify's")
         if not 0 < self.threshold_momentum <= 1:
             raise UserError(f"threshold_momentum must be in (0, 1], got {self.threshold_momentum}")
         for name, value, options in (("dist", self.dist, DIST_MODES), ("b_dec_init", self.b_dec_init, B_DEC_INITS)):
@@ -194,7 +196,7 @@ class TrainConfig:
     def fingerprint(self) -> str:
         """Hash of every field that changes what is computed; a checkpoint from another fingerprint is refused."""
         data = {k: v for k, v in self.to_dict().items() if k not in _NOT_HASHED}
-        if data.get("enc_init_scale") == 1.0:  # the default: keep fingerprints of runs made before the option existed
+        if data.get("enc_init_scale") == 1.0:  # the value before the option existed: those runs keep their fingerprints
             del data["enc_init_scale"]
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -15,13 +15,13 @@ from jaxtyping import Float
 from torch import Tensor
 
 from interp.errors import UserError
-from saes.step import StackParams, StepConfig, StepState, init_stack, init_state
+from saes.step import DEFAULT_ENC_INIT_SCALE, StackParams, StepConfig, StepState, init_stack, init_state
 
 __all__ = ["build_stack", "make_step_config", "stack_tensors", "load_stack_tensors"]
 
 
 def build_stack(d_in: int, n_latents: int, samples: list[Float[Tensor, "N d_in"]], seeds: list[int], b_dec_init: str,
-                device: torch.device, enc_init_scale: float = 1.0) -> tuple[StackParams, StepState]:
+                device: torch.device, enc_init_scale: float = DEFAULT_ENC_INIT_SCALE) -> tuple[StackParams, StepState]:
     """A ``StackParams`` of ``len(samples)`` members (member i from ``samples[i]`` and ``seeds[i]``) and its fresh state."""
     singles = [init_stack(1, d_in, n_latents, sample[None], b_dec_init=b_dec_init, seed=seed, enc_init_scale=enc_init_scale)
                for sample, seed in zip(samples, seeds)]

@@ -151,12 +151,28 @@ def test_dependent_stage_needs_upstream(tmp_path):
         StageRunner(tmp_path, lambda e: None).run(Stage("b", inputs=lambda: {}, run=lambda d, u: {}, depends=("a",)))
 
 
-def test_default_encoder_init_scale_leaves_the_train_stage_key_alone(tmp_path):
+def test_encoder_init_scale_defaults_agree():
+    import inspect
+
+    from experiments.commands.train import train_sae
+    from experiments.config import SAEConfig
+    from saes.config import TrainConfig
+    from saes.stacking import build_stack
+    from saes.step import DEFAULT_ENC_INIT_SCALE, init_stack
+
+    cli_default = inspect.signature(train_sae).parameters["enc_init_scale"].default.default
+    library = [inspect.signature(f).parameters["enc_init_scale"].default for f in (init_stack, build_stack)]
+    assert {SAEConfig().enc_init_scale, TrainConfig.enc_init_scale, cli_default, *library} == {DEFAULT_ENC_INIT_SCALE}
+
+
+def test_encoder_init_scale_one_leaves_the_train_stage_key_alone(tmp_path):
     from experiments import study_stages
 
     def train_inputs(text):
         stages = {st.name: st for st in study_stages.build(load_study(write(tmp_path, text)), None, print, False)}
         return json.dumps(stages["train"].inputs())
 
-    assert "enc_init_scale" not in train_inputs("")  # runs made before the option keep their cached stages
+    # runs made before the option (all at 1.0) keep their cached stages; the default since is part of the key
+    assert "enc_init_scale" not in train_inputs("[sae]\nenc_init_scale = 1.0\n")
+    assert f'"enc_init_scale": {3 ** -0.5}' in train_inputs("")
     assert '"enc_init_scale": 0.58' in train_inputs("[sae]\nenc_init_scale = 0.58\n")

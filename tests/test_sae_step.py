@@ -164,7 +164,7 @@ def test_geometric_median_and_init():
     cost = lambda c: (cloud[0] - c).norm(dim=-1).sum()  # noqa: E731
     for direction in torch.eye(5):
         assert cost(m) <= cost(m + 1e-2 * direction) and cost(m) <= cost(m - 1e-2 * direction)
-    params = init_stack(2, 5, 12, sample=torch.cat([cloud, cloud * 2]), seed=1)
+    params = init_stack(2, 5, 12, sample=torch.cat([cloud, cloud * 2]), seed=1, enc_init_scale=1.0)
     assert torch.allclose(params.W_enc, params.W_dec.transpose(1, 2))
     assert torch.allclose(params.W_dec.norm(dim=-1), torch.ones(2, 12))
     assert torch.allclose(params.b_dec[0], m, atol=1e-4) and (params.b_enc == 0).all()
@@ -172,6 +172,10 @@ def test_geometric_median_and_init():
     assert torch.allclose(mean_init.b_dec[1], 2 * cloud[0].mean(0), atol=1e-5)
     scaled = init_stack(2, 5, 12, seed=1, enc_init_scale=0.58)
     assert torch.equal(scaled.W_dec, params.W_dec) and torch.allclose(scaled.W_enc, 0.58 * params.W_dec.transpose(1, 2))
+    # the default: encoder rows of norm 1/sqrt(3), as nn.Linear's init leaves them in Gao et al.'s and sparsify's tied init
+    default = init_stack(2, 5, 12, seed=1)
+    assert torch.allclose(default.W_enc.norm(dim=1), torch.full((2, 12), (1 / 3) ** 0.5))
+    assert torch.allclose(default.W_enc, params.W_dec.transpose(1, 2) / 3 ** 0.5)
     with pytest.raises(UserError, match="enc_init_scale"):
         init_stack(1, 5, 12, enc_init_scale=0.0)
 

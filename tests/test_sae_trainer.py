@@ -78,11 +78,13 @@ def test_config_validation_and_schedule():
     assert [cfg.lr_factor(s) for s in (0, 4, 9, 50, 80, 90, 99)] == pytest.approx([0.1, 0.5, 1, 1, 1, 0.5, 0.05])
     assert cfg.fingerprint() == _cfg(n_tokens=100 * 64, warmup_frac=0.1, decay_frac=0.2, checkpoint_every=9).fingerprint()
     assert cfg.fingerprint() != _cfg(n_tokens=100 * 64, warmup_frac=0.1, decay_frac=0.2, seed=1).fingerprint()
-    # enc_init_scale at its default leaves fingerprints as they were before the option existed
-    plain = {key: value for key, value in cfg.to_dict().items() if key not in ("checkpoint_every", "log_every", "keep_checkpoints", "device",
+    # enc_init_scale = 1.0 (the only value before the option existed) leaves fingerprints as they were then
+    old = _cfg(n_tokens=100 * 64, warmup_frac=0.1, decay_frac=0.2, enc_init_scale=1.0)
+    plain = {key: value for key, value in old.to_dict().items() if key not in ("checkpoint_every", "log_every", "keep_checkpoints", "device",
                                                                                 "progress", "enc_init_scale")}
-    assert cfg.fingerprint() == hashlib.sha256(json.dumps(plain, sort_keys=True).encode()).hexdigest()[:16]
-    assert cfg.fingerprint() != _cfg(n_tokens=100 * 64, warmup_frac=0.1, decay_frac=0.2, enc_init_scale=0.58).fingerprint()
+    assert old.fingerprint() == hashlib.sha256(json.dumps(plain, sort_keys=True).encode()).hexdigest()[:16]
+    assert cfg.enc_init_scale == pytest.approx(0.57735) and len({cfg.fingerprint(), old.fingerprint(),
+                                                                 _cfg(n_tokens=100 * 64, warmup_frac=0.1, decay_frac=0.2, enc_init_scale=0.58).fingerprint()}) == 3
     for bad in (dict(settings=[(32, 32)]), dict(batch_size=0), dict(hooks=[]), dict(dist="ddpp"), dict(n_tokens=10),
                 dict(settings=[(32, 4), (32, 4)]), dict(lr=-1.0), dict(enc_init_scale=0.0)):
         with pytest.raises(UserError):

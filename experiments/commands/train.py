@@ -32,7 +32,7 @@ def train_sae(
     auxk: bool = typer.Option(True, "--auxk/--no-auxk", help="AuxK loss on dead latents."),
     dead_tokens: int = typer.Option(10_000_000, "--dead-tokens", help="A latent that has not fired for this many tokens is dead (AuxK, dead_fraction)."),
     seed: int = typer.Option(0, "--seed", help="Seed for initialisation and row order."),
-    enc_init_scale: float = typer.Option(1.0, "--enc-init-scale", help="Encoder init W_enc = s * W_dec^T (1: Gao et al.; 0.58: sparsify's scale)."),
+    enc_init_scale: float = typer.Option(3 ** -0.5, "--enc-init-scale", help="Encoder init W_enc = s * W_dec^T (default 1/sqrt(3): Gao et al.'s reference code and sparsify; 1: exact transpose)."),
     device: str | None = typer.Option(None, "--device", help="Torch device (default: CUDA if available, else CPU)."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow a local/hub model to run its own Python code (off by default; only for models you trust)."),
     log_every: int = typer.Option(10, "--log-every", help="Steps between metrics.jsonl rows."),

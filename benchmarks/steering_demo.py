@@ -2,12 +2,12 @@
 
     python benchmarks/steering_demo.py --sae DIR --concept God [--keywords God,Lord] \
         [--feature ID] [--max-cost 1.5] [--clamp auto|5x] [--select-sweep 2x,3x,5x] [--positions generated] \
-        [--select-top 5 --max-nll 5.0] \
-        [--sweep 0,2x,5x] [--max-new-tokens 32] [--out DIR]
+        [--select-top 5 --max-nll 5.0 [--select-only]] [--search-from RUN/demo.json] \
+        [--sweep 0,2x,5x] [--max-new-tokens 32] [--prompt-set shipped|fresh|both] [--out DIR]
 
 Choices are made on the 48 SELECTION prompts (``interp/data/steering_selection_prompts.txt``),
-results are reported on the 36 shipped neutral prompts (chat template on), never the other way
-round. Without ``--feature``, ``saes.select_steering_feature`` takes the feature search's top
+results are reported on the 36 shipped neutral prompts, the 36 fresh ones
+(``steering_prompts_fresh.txt``) or both (chat template on), never the other way round. Without ``--feature``, ``saes.select_steering_feature`` takes the feature search's top
 ``--candidates`` for ``--concept`` and keeps the one whose clamp most raises the keywords'
 probability (teacher-forced, at ``--select-strength``) among those whose NLL cost at that strength is at
 most ``--max-cost`` nats (an uncapped rerank picks capitalisation or register features that raise
@@ -34,7 +34,7 @@ import torch
 
 import interp
 from interp.errors import UserError
-from interp.files import atomic_write_json
+from interp.files import atomic_write_json, sha256_file
 from interp.models import model_device
 from interp.steering_eval import (
     concept_hit_rate,
@@ -87,17 +87,24 @@ def pick_pair(model, sae, candidates: list[dict], strengths: list[str], keywords
     return int(best["feature"]), str(best["strength"]), rows
 
 
-def load_search(path: str, sae_dir: str, keywords: list[str]) -> list[dict]:
-    """The reranked candidates saved in an earlier run's ``demo.json``, after checking it searched the same SAE and keywords."""
+def load_search(path: str, sae_dir: str, keywords: list[str], model: str, positions: str) -> list[dict]:
+    """The reranked candidates saved in an earlier run's ``demo.json``, after checking it searched the same SAE
+    (path, and weights digest where the run recorded one), model, positions and keywords."""
     import json
 
     try:
         saved = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         sys.exit(f"--search-from {path}: cannot read it ({err}); point it at an earlier run's demo.json")
-    if Path(saved.get("sae", "")).resolve() != Path(sae_dir).resolve() or saved.get("keywords") != keywords or not saved.get("search"):
-        sys.exit(f"--search-from {path}: that run searched {saved.get('sae')!r} for {saved.get('keywords')}, not {sae_dir!r} for {keywords};"
-                 " drop --search-from to search again")
+    if not isinstance(saved, dict) or not saved.get("search"):
+        sys.exit(f"--search-from {path}: it holds no reranked candidates (a run with --feature searches nothing); drop --search-from")
+    if Path(str(saved.get("sae"))).resolve() != Path(sae_dir).resolve() or saved.get("keywords") != keywords or saved.get("model") != model \
+            or saved.get("positions") != positions:
+        sys.exit(f"--search-from {path}: that run searched {saved.get('sae')!r} ({saved.get('model')}, {saved.get('positions')} positions) for"
+                 f" {saved.get('keywords')}, not {sae_dir!r} ({model}, {positions}) for {keywords}; drop --search-from to search again")
+    digest = sha256_file(Path(sae_dir) / "sae_weights.safetensors")
+    if saved.get("sae_sha256", digest) != digest:
+        sys.exit(f"--search-from {path}: the SAE at {sae_dir} has been retrained since that search; drop --search-from to search again")
     return saved["search"]
 
 
@@ -135,6 +142,12 @@ def main() -> None:
     args = parser.parse_args()
     if args.select_top > 0 and args.feature is not None:
         sys.exit("--select-top chooses the feature itself; drop --feature")
+    if args.select_only and args.select_top <= 0:
+        sys.exit("--select-only stops after the --select-top selection; add --select-top N or drop --select-only")
+    if args.search_from and args.feature is not None:
+        sys.exit("--search-from reuses a feature search, but --feature skips the search; drop one of them")
+    if args.prompts is not None and args.prompts < 1:
+        sys.exit(f"--prompts must be at least 1 (got {args.prompts}); leave it out to use every prompt")
 
     import saes
 
@@ -150,7 +163,7 @@ def main() -> None:
     feature = args.feature
     if feature is None:
         if args.search_from:
-            search = load_search(args.search_from, args.sae, keywords)
+            search = load_search(args.search_from, args.sae, keywords, args.model, args.positions)
         else:
             search = saes.select_steering_feature(sae, model, args.concept, keywords, n_candidates=args.candidates, strength=args.select_strength,
                                                   positions=args.positions, n_baseline_tokens=args.baseline_tokens, progress=True)
@@ -213,7 +226,8 @@ def main() -> None:
     write_sweep_html(curves, out_dir / "sweep.html", title=f"Steering toward '{args.concept}': concept vs fluency")
     atomic_write_json(out_dir / "demo.json", {
         "model": args.model, "sae": args.sae, "feature": feature, "max_cost": args.max_cost, "select_top": args.select_top, "max_nll": args.max_nll, "search": search, "keywords": keywords,
-        "clamp": clamp_value, "positions": args.positions, "selection_prompts": "interp/data/steering_selection_prompts.txt", "settings": gen, "n_prompts": len(prompts), "prompt_set": args.prompt_set, "search_from": args.search_from, "results": summary,
+        "clamp": clamp_value, "positions": args.positions, "selection_prompts": "interp/data/steering_selection_prompts.txt", "settings": gen, "n_prompts": len(prompts), "prompt_set": args.prompt_set,
+        "sae_sha256": sha256_file(Path(args.sae) / "sae_weights.safetensors"), "search_from": args.search_from, "results": summary,
         "sweep": {k: [{kk: vv for kk, vv in r.items() if kk != "texts"} for r in rows] for k, rows in curves.items()},
         "command": "python " + " ".join(sys.argv),
         "torch": torch.__version__,

@@ -10,6 +10,7 @@ would start if trained alone.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import shutil
@@ -146,9 +147,24 @@ class _Run:
             ckpt.prune(self.out, self.cfg.keep_checkpoints)
         self.ctx.barrier()
 
+    def _explain_old_init(self) -> None:
+        """A clearer error when the checkpoints differ only by the encoder init scale whose default changed."""
+        if self.cfg.enc_init_scale == 1.0:
+            return
+        try:
+            ckpt.latest(self.out, dataclasses.replace(self.cfg, enc_init_scale=1.0).fingerprint())
+        except UserError:
+            return
+        raise UserError(f"the checkpoints in {self.out} were written with enc_init_scale 1 (the default before it became 1/sqrt(3)); "
+                        "pass --enc-init-scale 1 to resume them, or --no-resume to start over")
+
     def _resume(self) -> tuple[int, int]:
         """Load the newest valid checkpoint; return ``(steps done, data batch index)``."""
-        found = ckpt.latest(self.out, self.cfg.fingerprint())
+        try:
+            found = ckpt.latest(self.out, self.cfg.fingerprint())
+        except UserError:
+            self._explain_old_init()
+            raise
         if found is None:
             return 0, 0
         tensors, meta = found.load_rank(self._state_rank())

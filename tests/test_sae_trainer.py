@@ -149,6 +149,11 @@ def test_checkpoints_refuse_other_config_or_data_and_skip_corrupt_ones(store, fu
         train(store, _cfg(checkpoint_every=2), tmp_path / "run", on_step=_stop_at(5))
     with pytest.raises(UserError, match="different training config"):
         train(store, _cfg(checkpoint_every=2, seed=3), tmp_path / "run")
+    # a run from before the default encoder init changed gets told which option resumes it
+    with pytest.raises(_Stop):
+        train(store, _cfg(checkpoint_every=2, enc_init_scale=1.0), tmp_path / "old", on_step=_stop_at(3))
+    with pytest.raises(UserError, match="written with enc_init_scale 1 .*pass --enc-init-scale 1 to resume"):
+        train(store, _cfg(checkpoint_every=2), tmp_path / "old")
     wide = ActivationStore.from_tensors(tmp_path / "wide", {HOOKS[0]: torch.randn(512, D_IN + 4)})
     with pytest.raises(UserError, match="d_in changed"):
         train(wide, _cfg(checkpoint_every=2), tmp_path / "run")

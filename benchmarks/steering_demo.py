@@ -7,8 +7,8 @@
 
 Choices are made on the 48 SELECTION prompts (``interp/data/steering_selection_prompts.txt``),
 results are reported on the 36 shipped neutral prompts, the 36 fresh ones
-(``steering_prompts_fresh.txt``) or both (chat template on), never the other way round. Without ``--feature``, ``saes.select_steering_feature`` takes the feature search's top
-``--candidates`` for ``--concept`` and keeps the one whose clamp most raises the keywords'
+(``steering_prompts_fresh.txt``) or both (chat template on), never the other way round. Without
+``--feature``, ``saes.select_steering_feature`` takes the feature search's top ``--candidates`` for ``--concept`` and keeps the one whose clamp most raises the keywords'
 probability (teacher-forced, at ``--select-strength``) among those whose NLL cost at that strength is at
 most ``--max-cost`` nats (an uncapped rerank picks capitalisation or register features that raise
 "God" by breaking the text). With ``--clamp auto`` the strength is the
@@ -205,9 +205,8 @@ def main() -> None:
             "distinct_2": distinct_n(out.texts, 2),
             "samples": [{"prompt": p, "text": t} for p, t in zip(prompts, out.texts)],
         }
-        start = 0
         if len(prompt_sets) > 1:
-            summary[name]["hit_rate_by_set"] = {}
+            start, summary[name]["hit_rate_by_set"] = 0, {}
             for set_name, ps in prompt_sets.items():
                 summary[name]["hit_rate_by_set"][set_name] = concept_hit_rate(out.texts[start: start + len(ps)], keywords)
                 start += len(ps)

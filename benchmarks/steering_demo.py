@@ -8,7 +8,8 @@
 Choices are made on the 48 SELECTION prompts (``interp/data/steering_selection_prompts.txt``),
 results are reported on the 36 shipped neutral prompts, the 36 fresh ones
 (``steering_prompts_fresh.txt``) or both (chat template on), never the other way round. Without
-``--feature``, ``saes.select_steering_feature`` takes the feature search's top ``--candidates`` for ``--concept`` and keeps the one whose clamp most raises the keywords'
+``--feature``, ``saes.select_steering_feature`` takes the feature search's top ``--candidates``
+for ``--concept`` and keeps the one whose clamp most raises the keywords'
 probability (teacher-forced, at ``--select-strength``) among those whose NLL cost at that strength is at
 most ``--max-cost`` nats (an uncapped rerank picks capitalisation or register features that raise
 "God" by breaking the text). With ``--clamp auto`` the strength is the

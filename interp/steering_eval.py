@@ -45,13 +45,16 @@ _PROMPT_SETS = {"shipped": "steering_prompts.txt", "fresh": "steering_prompts_fr
 
 
 def load_steering_prompts(prompt_set: str = "shipped") -> list[str]:
-    """Neutral prompts written for this project: ``"shipped"`` (the 36 used since the first demo) or ``"fresh"``.
+    """Neutral prompts written for this project: ``"shipped"`` (the 36 used since the first demo), ``"fresh"`` or ``"both"``.
 
     ``"fresh"`` (``interp/data/steering_prompts_fresh.txt``, 36 more) is a held-out replication set for
     reported steering results; choices are made on ``saes.steer_select.load_selection_prompts`` only.
+    ``"both"`` is the shipped prompts followed by the fresh ones.
     """
+    if prompt_set == "both":
+        return load_steering_prompts("shipped") + load_steering_prompts("fresh")
     if prompt_set not in _PROMPT_SETS:
-        raise UserError(f"unknown prompt set {prompt_set!r}; use one of {', '.join(_PROMPT_SETS)}")
+        raise UserError(f"unknown prompt set {prompt_set!r}; use one of {', '.join(_PROMPT_SETS)}, both")
     text = resources.files("interp").joinpath("data", _PROMPT_SETS[prompt_set]).read_text(encoding="utf-8")
     return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
 

@@ -64,7 +64,7 @@ def test_unknown_prompt_set_is_a_one_line_error():
     from interp.errors import UserError
     from interp.steering_eval import load_steering_prompts
 
-    with pytest.raises(UserError, match="unknown prompt set 'held-out'; use one of shipped, fresh"):
+    with pytest.raises(UserError, match="unknown prompt set 'held-out'; use one of shipped, fresh, both"):
         load_steering_prompts("held-out")
 
 

@@ -226,9 +226,30 @@ def test_cli_steer_writes_side_by_side_json(sae_dir, tmp_path):
     assert "concept hit rate" in html and str(data["results"][1]["nll"])[:6] in html
 
 
+def test_cli_steer_prompt_set_uses_the_fresh_prompts(sae_dir, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from experiments.cli import app
+    from interp.steering_eval import load_steering_prompts
+
+    out = tmp_path / "fresh.json"
+    args = ["steer", "--model", "tiny-random", "--sae", str(sae_dir), "--feature", "3", "--clamp", "4", "--prompt-set", "fresh",
+            "--max-new-tokens", "1", "--temperature", "0", "--no-chat", "--device", "cpu", "--batch-size", "36", "--out", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    fresh = load_steering_prompts("fresh")
+    assert [s["prompt"] for s in json.loads(out.read_text())["results"][0]["samples"]] == fresh
+    assert load_steering_prompts("both") == load_steering_prompts() + fresh
+    bad = CliRunner().invoke(app, [("held-out" if a == "fresh" else a) for a in args])
+    assert bad.exit_code == 2 and bad.stderr.strip() == "error: unknown prompt set 'held-out'; use one of shipped, fresh, both"
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
+        (["--prompt-set", "fresh"], "--prompt and --prompt-set both choose the prompts"),
         (["--clamp", "3", "--coef", "2"], "choose one of"),
         (["--feature", "3", "--clamp", "10x"], "max_activations"),
         (["--clamp", "3"], "needs --feature"),

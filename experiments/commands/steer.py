@@ -130,6 +130,7 @@ def steer(
     coef: str = typer.Option(None, "--coef", help="Add the unit vector times C (residual units); '4x' = 4 x mean residual norm at the hook."),
     hook: str = typer.Option(None, "--hook", help="Hook to steer at (default: the SAE's or the direction's)."),
     prompt: list[str] = typer.Option(None, "--prompt", help="Prompt (repeatable). Default: the 36 shipped neutral prompts."),
+    prompt_set: str = typer.Option(None, "--prompt-set", help="Instead of --prompt: 'shipped' (36 neutral prompts), 'fresh' (36 held-out ones) or 'both'."),
     n: int = typer.Option(1, "--n", help="Samples per prompt (each from its own seed)."),
     sweep: str = typer.Option(None, "--sweep", help="Comma-separated strengths to sweep, e.g. 0,2,5,10x (replaces --clamp/--scale/--coef)."),
     positions: str = typer.Option("all", "--positions", help="all, prompt, generated or after:<marker>."),
@@ -155,6 +156,8 @@ def steer(
 
     if out is not None and Path(out).suffix.lower() == ".html":
         raise UserError(f"--out {out} is the JSON file (the curve goes beside it as .html); give a path like run.json")
+    if prompt and prompt_set:
+        raise UserError("--prompt and --prompt-set both choose the prompts; give one of them")
     modes = [m for m, on in (("clamp", clamp is not None), ("scale", scale is not None), ("ablate", ablate), ("add", coef is not None)) if on]
     if len(modes) > 1:
         raise UserError(f"choose one of --clamp, --scale, --ablate, --coef (got {', '.join('--' + m for m in modes)})")
@@ -162,7 +165,7 @@ def steer(
     strengths = ["0"] if mode == "ablate" else _strengths(sweep, clamp or scale or coef)
     if n < 1:
         raise UserError("--n must be at least 1")
-    prompts = list(prompt) if prompt else load_steering_prompts()
+    prompts = list(prompt) if prompt else load_steering_prompts(prompt_set or "shipped")
     samples = [p for p in prompts for _ in range(n)]
     words = [w.strip() for w in keywords.split(",") if w.strip()] if keywords else None
     from interp.steering_positions import as_positions

@@ -160,12 +160,16 @@ def profile(step: Callable, data: torch.Tensor, B: int, steps: int = 5) -> None:
     from torch.profiler import profile as torch_profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE.type == "cuda" else [])
-    with torch_profile(activities=activities) as prof:
+    with torch_profile(activities=activities, record_shapes=DEVICE.type == "cuda") as prof:
         for i in range(steps):
             step(data[i * B:(i + 1) * B])
         _sync()
     key = "self_cuda_time_total" if DEVICE.type == "cuda" else "self_cpu_time_total"
     print(prof.key_averages().table(sort_by=key, row_limit=18, max_name_column_width=50))
+    if DEVICE.type == "cuda":  # the same by input shapes: which conversion or elementwise pass costs what
+        table = prof.key_averages(group_by_input_shape=True).table(sort_by=key, row_limit=40, max_name_column_width=36, max_shapes_column_width=70)
+        print("\n".join(line for line in table.splitlines() if "aten::" in line or "Name" in line))
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=50))
 
 
 def main() -> None:

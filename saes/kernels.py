@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 
-__all__ = ["sparse_decode", "select_pre_acts", "encode_topk", "dense_pre_acts", "scatter_rows", "gather_dot", "squared_error"]
+__all__ = ["sparse_decode", "select_pre_acts", "encode_topk", "topk", "dense_pre_acts", "scatter_rows", "gather_dot", "squared_error"]
 
 
 def _triton_for(t: Tensor):
@@ -36,6 +36,19 @@ def _triton_for(t: Tensor):
     from saes import triton_kernels
 
     return triton_kernels if triton_kernels.enabled_for(t) else None
+
+
+def topk(x: Float[Tensor, "... n"], k: int) -> tuple[Tensor, Int[Tensor, "... k"]]:
+    """The k largest entries of each row and their indices, in no particular order.
+
+    bf16/fp16 rows on CUDA (the encoder's pre-activations) go to Triton's radix select
+    (:func:`saes.triton_kernels.topk_rows`, several times faster than ``torch.topk`` at n 32k);
+    everything else to ``torch.topk(sorted=False)``. Both are exact; among ties at the k-th value
+    either may keep different indices.
+    """
+    if x.dtype in (torch.bfloat16, torch.float16) and (tk := _triton_for(x)) is not None and 0 < k <= x.shape[-1]:
+        return tk.topk_rows(x, k)
+    return x.topk(k, dim=-1, sorted=False)
 
 
 def _flat_rows(indices: Int[Tensor, "S B k"], n: int) -> Int[Tensor, "S*B k"]:
@@ -183,21 +196,51 @@ def squared_error(
     return SquaredError.apply(decoded, x_centered.detach(), b_dec)
 
 
+def _gemm_with_bias(x: Tensor, W: Tensor, bias: Tensor) -> Tensor:
+    """``x @ W + bias[:, None]`` per member on CUDA without writing the output twice.
+
+    ``torch.baddbmm`` first copies the broadcast bias into the whole ``[S, B, n]`` output (as much
+    memory traffic as the GEMM's output itself). One member: ``torch.addmm`` with a 1-D bias, which
+    cuBLASLt adds in the GEMM's epilogue. Several: the bias rides in the batched GEMM as one more
+    input column of ones (K padded to a multiple of 8 with zeros).
+    """
+    S, B, d = x.shape
+    if S == 1:
+        return torch.addmm(bias[0], x[0], W[0]).unsqueeze(0)
+    kp = (d + 8) // 8 * 8
+    xa = torch.zeros(S, B, kp, dtype=x.dtype, device=x.device)
+    xa[..., :d] = x
+    xa[..., d] = 1
+    Wa = torch.zeros(S, W.shape[-1], kp, dtype=W.dtype, device=W.device)  # latent-major, like W_enc_t
+    Wa[..., :d] = W.mT
+    Wa[..., d] = bias
+    return torch.bmm(xa, Wa.mT)
+
+
 def dense_pre_acts(
     x: Float[Tensor, "S B d"], W_enc: Float[Tensor, "S d n"], b_enc: Float[Tensor, "S n"], b_dec: Float[Tensor, "S d"],
-    out: Float[Tensor, "S B n"] | None = None,
+    out: Float[Tensor, "S B n"] | None = None, x_centered: Float[Tensor, "S B d"] | None = None,
 ) -> Float[Tensor, "S B n"]:
     """``(x - b_dec) @ W_enc + b_enc`` without autograd, as one batched GEMM with a fused bias.
+
+    On CUDA, ``x_centered`` (``x - b_dec`` in fp32, when the caller has it) is the GEMM's input.
 
     On CUDA the GEMM runs in bf16 (the output stays bf16 to halve its memory traffic); on CPU fp32,
     written into ``out`` when given (a reused buffer: on CPU a fresh ``[S, B, n]`` allocation is
     mapped from the OS each time, and its page faults cost ~15 % of the GEMM at n 4096).
     """
     with torch.no_grad():
-        bias = (b_enc - torch.bmm(b_dec.unsqueeze(1), W_enc).squeeze(1)).unsqueeze(1)
         if x.is_cuda:
             dt = torch.bfloat16
-            return torch.baddbmm(bias.to(dt), x.to(dt), W_enc.to(dt))
+            # W_enc is usually the transposed view of a latent-major parameter: convert that contiguous
+            # tensor (a vectorized copy) and transpose back; cuBLAS takes either layout.
+            W = W_enc.mT.to(dt).mT if W_enc.mT.is_contiguous() else W_enc.to(dt)
+            if x_centered is not None:  # no bias GEMV, and bf16 rounds the smaller centred values
+                bias, inp = b_enc, x_centered
+            else:
+                bias, inp = b_enc - torch.bmm(b_dec.unsqueeze(1), W_enc).squeeze(1), x
+            return _gemm_with_bias(inp.to(dt), W, bias.to(dt))
+        bias = (b_enc - torch.bmm(b_dec.unsqueeze(1), W_enc).squeeze(1)).unsqueeze(1)
         return torch.baddbmm(bias, x.to(W_enc.dtype), W_enc, out=out)
 
 
@@ -210,7 +253,7 @@ def encode_topk(
     Only the returned values carry gradient (sparse backward); the dense pre-activations are
     returned without gradient for AuxK's selection (in ``out`` on CPU when given).
     """
-    pre = dense_pre_acts(x, W_enc, b_enc, b_dec, out=out)
-    top, indices = pre.topk(k, dim=-1, sorted=False)
+    pre = dense_pre_acts(x, W_enc, b_enc, b_dec, out=out, x_centered=x_centered)
+    top, indices = topk(pre, k)
     values = select_pre_acts(top.to(W_enc.dtype), indices, x, W_enc, b_enc, b_dec, x_centered)
     return values.relu(), indices, pre

@@ -24,7 +24,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from interp.errors import UserError
-from saes.kernels import dense_pre_acts, encode_topk, select_pre_acts, sparse_decode, squared_error
+from saes.kernels import _triton_for, dense_pre_acts, encode_topk, select_pre_acts, sparse_decode, squared_error, topk
 
 __all__ = [
     "DEFAULT_ENC_INIT_SCALE", "StackParams", "StepState", "StepConfig", "init_stack", "check_finite", "init_state", "sae_step_loss",
@@ -95,6 +95,11 @@ class StepState:
     """``[S]`` BatchTopK running threshold (mean smallest kept activation); NaN until the first step."""
     n_steps: int = 0
     """Steps taken so far."""
+    dead_count: tuple | None = dataclasses.field(default=None, repr=False, compare=False)
+    """CUDA only: ``(tokens_since_fired, dead threshold, pinned host tensor, event)``, the largest
+    per-member dead count of this state, copied to the host asynchronously when the state was made.
+    The next step reads it instead of stalling the host on the device (AuxK's shapes depend on it);
+    it is used only while ``tokens_since_fired`` is still that very tensor."""
 
 
 @dataclass
@@ -219,9 +224,9 @@ def _batch_topk(params: StackParams, x: Tensor, xc: Tensor, cfg: StepConfig) -> 
     unkept candidates have value 0.
     """
     n, (S, B, _) = params.n_latents, x.shape
-    pre = dense_pre_acts(x, params.W_enc, params.b_enc, params.b_dec, out=_pre_buffer(params, x))
+    pre = dense_pre_acts(x, params.W_enc, params.b_enc, params.b_dec, out=_pre_buffer(params, x), x_centered=xc)
     per_token = min(n, cfg.max_k_per_token or 4 * cfg.k)
-    top, indices = pre.topk(per_token, dim=-1, sorted=False)
+    top, indices = topk(pre, per_token)
     top = top.to(params.W_enc.dtype)
     flat = top.reshape(S, -1)
     keep_n = min(cfg.k * B, flat.shape[1])
@@ -245,10 +250,10 @@ def _auxk(params: StackParams, x: Tensor, xc: Tensor, pre: Tensor, residual: Ten
         # Few dead latents: select among their columns only (S x B x m, not S x B x n).
         dead_idx = dead.to(torch.int8).topk(m, dim=1).indices
         cand = pre.gather(2, dead_idx.unsqueeze(1).expand(S, B, m)).masked_fill(~dead.gather(1, dead_idx).unsqueeze(1), -math.inf)
-        top, pos = cand.topk(k_eff, dim=-1, sorted=False)
+        top, pos = topk(cand, k_eff)
         indices = dead_idx.gather(1, pos.reshape(S, -1)).reshape(S, B, k_eff)
     else:
-        top, indices = pre.masked_fill(~dead.unsqueeze(1), -math.inf).topk(k_eff, dim=-1, sorted=False)
+        top, indices = topk(pre.masked_fill(~dead.unsqueeze(1), -math.inf), k_eff)
     valid = torch.isfinite(top)
     top = torch.where(valid, top, torch.zeros_like(top)).to(params.W_enc.dtype)
     values = select_pre_acts(top, indices, x, params.W_enc, params.b_enc, params.b_dec, xc).relu()
@@ -295,7 +300,7 @@ def sae_step_loss(
 
     dead = state.tokens_since_fired >= cfg.dead_tokens_threshold
     n_dead = dead.sum(1)
-    m = int(n_dead.max()) if cfg.auxk else 0  # a host sync (AuxK's shapes depend on it)
+    m = _max_dead(state, n_dead, cfg) if cfg.auxk else 0
     if m > 0:
         auxk = _auxk(params, x, xc, pre, diff.neg(), dead, n_dead, m, cfg) / total_variance
     else:
@@ -303,9 +308,11 @@ def sae_step_loss(
     loss = (fvu + cfg.aux_coef * auxk).sum()
 
     active = values.detach() > 0
-    fired = torch.zeros(S * n, dtype=torch.bool, device=x.device)
-    fired[(indices + torch.arange(S, device=x.device).view(S, 1, 1) * n)[active]] = True
-    fired = fired.view(S, n)
+    # Inactive picks write to a spare slot: no boolean indexing (a host sync on CUDA).
+    flat = torch.where(active, indices + torch.arange(S, device=x.device).view(S, 1, 1) * n, S * n)
+    fired = torch.zeros(S * n + 1, dtype=torch.bool, device=x.device)
+    fired[flat.reshape(-1)] = True
+    fired = fired[:-1].view(S, n)
     since = torch.where(fired, torch.zeros_like(state.tokens_since_fired), state.tokens_since_fired + B)
     metrics = {
         "fvu": fvu.detach(),
@@ -313,18 +320,45 @@ def sae_step_loss(
         "dead_fraction": (since >= cfg.dead_tokens_threshold).to(x.dtype).mean(1),
         "auxk_loss": auxk.detach(),
     }
-    return loss, metrics, dataclasses.replace(state, tokens_since_fired=since, threshold=threshold.detach(), n_steps=state.n_steps + 1)
+    prefetch = _prefetch_dead_count(since, cfg) if cfg.auxk and since.is_cuda else None
+    return loss, metrics, dataclasses.replace(state, tokens_since_fired=since, threshold=threshold.detach(), n_steps=state.n_steps + 1,
+                                              dead_count=prefetch)
+
+
+def _prefetch_dead_count(since: Tensor, cfg: StepConfig) -> tuple:
+    """Start copying ``max_s #dead latents`` of ``since`` to pinned host memory; see ``StepState.dead_count``."""
+    count = (since >= cfg.dead_tokens_threshold).sum(1).max().reshape(1)
+    host = torch.empty(1, dtype=count.dtype, pin_memory=True)
+    host.copy_(count, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+    return since, cfg.dead_tokens_threshold, host, event
+
+
+def _max_dead(state: StepState, n_dead: Tensor, cfg: StepConfig) -> int:
+    """``max(n_dead)`` on the host: the prefetched copy when it belongs to this state, else a sync."""
+    if state.dead_count is not None:
+        since, threshold, host, event = state.dead_count
+        if since is state.tokens_since_fired and threshold == cfg.dead_tokens_threshold:
+            event.synchronize()  # waits for the previous step's forward only, not its backward
+            return int(host[0])
+    return int(n_dead.max())
 
 
 @torch.no_grad()
 def constrain_decoder_grad(params: StackParams) -> None:
     """Remove from ``W_dec.grad`` each row's component parallel to that (unit) decoder row."""
     grad, w = params.W_dec.grad, params.W_dec
-    if grad is not None:
+    if grad is not None and (tk := _triton_for(grad)) is not None and grad.is_contiguous():
+        tk.constrain_rows(grad, w.detach())
+    elif grad is not None:
         grad.addcmul_(torch.linalg.vecdot(grad, w).unsqueeze(-1), w, value=-1.0)
 
 
 @torch.no_grad()
 def normalize_decoder(params: StackParams) -> None:
     """Rescale every decoder row to unit norm (call after ``optimizer.step()``)."""
+    if (tk := _triton_for(params.W_dec)) is not None:
+        tk.normalize_rows(params.W_dec.data)
+        return
     params.W_dec.div_(torch.linalg.vector_norm(params.W_dec, dim=-1, keepdim=True).clamp_min_(1e-12))

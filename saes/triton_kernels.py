@@ -7,8 +7,21 @@ row ``s * B + b`` of the flattened ``[S * B, ...]`` batch. Three kernels, one pr
 
 - gather-sum (decoder forward): ``y[r] = sum_j values[r, j] * table[row(r, j)] (+ bias[s])``;
 - scatter-rows (weight gradients): ``out[row(r, j)] += coef[r, j] * dense[r]`` with atomic adds,
-  so on CUDA the summation order (and the last bits of the result) varies run to run;
-- gather-dot (gradient of the selected values): ``out[r, j] = dense[r] . table[row(r, j)]``.
+  so on CUDA the summation order (and the last bits of the result) varies run to run (a sorted
+  segment-sum version without atomics was measured slower on an H100: 338 vs 290 us, plus the sort);
+- gather-dot (gradient of the selected values): ``out[r, j] = dense[r] . table[row(r, j)]``;
+- row top-k of 16-bit floats (the bf16 pre-activations on CUDA), exact, one program per row.
+  Floats map to order-preserving 16-bit keys. The row is split into G = 4k strided groups; the
+  k-th largest of the G group maxima is a bound ``t`` with at least k keys >= t, so the top k are
+  among the candidates >= t (37 on average, at most 49, for k 32 of 32,768 on random rows; a
+  second pass over the row, from L2, collects them). Both passes are elementwise (no reduction or
+  scan inside the loops). The candidates, packed as ``(key << 16) | (65535 - index)``, take slots
+  of a per-row buffer of 4k by atomic increments of the row's counter, and are sorted; the first k are
+  the answer (ties keep the lowest indices). Rows with more candidates than the buffer holds (many
+  ties) are finished by a radix select: 256-bin histograms of the keys' high and low bytes find
+  the k-th key, then a prefix sum writes the keys above it and the first ties;
+- decoder rows: remove from each gradient row its component along the (unit) decoder row, and
+  rescale rows to unit norm, each in one pass instead of torch's three.
 
 Accumulation is fp32 (fp64 for fp64 inputs). :mod:`saes.kernels` dispatches here only for CUDA
 tensors when Triton imports and ``INTERP_TRITON`` is not ``"0"``; the tests run these kernels on
@@ -32,10 +45,13 @@ except ImportError:  # Triton is the optional `triton` extra; the torch kernels 
 AVAILABLE: bool = triton is not None
 """Whether Triton imported; without it every caller uses the torch kernels."""
 
-__all__ = ["AVAILABLE", "enabled_for", "sparse_decode", "scatter_rows", "gather_dot"]
+__all__ = ["AVAILABLE", "enabled_for", "sparse_decode", "scatter_rows", "gather_dot", "topk_rows", "constrain_rows", "normalize_rows"]
 
 _BLOCK_K = 16
 _BLOCK_D = 64
+_TOPK_BLOCK = 2048  # keys per chunk
+_TOPK_MAX_N = 65536  # indices packed in 16 bits
+_TOPK_MAX_K = 64  # larger k: torch.topk (the filter's candidate count grows with k)
 
 
 def enabled_for(t: Tensor) -> bool:
@@ -84,6 +100,117 @@ if AVAILABLE:
             rows = base + tl.load(indices + r * k + js, mask=j_ok, other=0).to(tl.int64)
             c = tl.load(coef + r * k + js, mask=j_ok, other=0.0).to(ACC)
             tl.atomic_add(out + rows[:, None] * d + cols[None, :], c[:, None] * g[None, :], mask=j_ok[:, None] & col_ok[None, :])
+
+    @triton.jit
+    def _key16(bits):
+        # Order-preserving map of 16-bit float bit patterns (as signed int32) to keys in [0, 65535].
+        return tl.where(bits >= 0, bits + 32768, -1 - bits)
+
+    @triton.jit
+    def _topk16_kernel(src, out_bits, out_idx, counts, n, k, CAP, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        if tl.load(counts + row) <= CAP:  # the filter kernel finished this row
+            return
+        base = src + row * n
+        bins = tl.arange(0, 256)
+        # Pass 1: histogram of the keys' high byte; the k-th largest key's high byte is the largest
+        # bin whose count together with every bin above it reaches k.
+        hist = tl.zeros([256], dtype=tl.int32)
+        for c0 in range(0, n, BLOCK):
+            offs = c0 + tl.arange(0, BLOCK)
+            ok = offs < n
+            key = _key16(tl.load(base + offs, mask=ok, other=0).to(tl.int32))
+            hist += tl.histogram(key >> 8, 256, mask=ok)
+        at_or_above = tl.sum(hist, axis=0) - tl.cumsum(hist, axis=0) + hist
+        hi = tl.max(tl.where(at_or_above >= k, bins, -1), axis=0)
+        above = tl.sum(tl.where(bins > hi, hist, 0), axis=0)
+        # Pass 2: the same for the low byte among keys whose high byte is `hi`.
+        hist = tl.zeros([256], dtype=tl.int32)
+        for c0 in range(0, n, BLOCK):
+            offs = c0 + tl.arange(0, BLOCK)
+            ok = offs < n
+            key = _key16(tl.load(base + offs, mask=ok, other=0).to(tl.int32))
+            hist += tl.histogram(key & 255, 256, mask=ok & ((key >> 8) == hi))
+        need = k - above
+        at_or_above = tl.sum(hist, axis=0) - tl.cumsum(hist, axis=0) + hist
+        lo = tl.max(tl.where(at_or_above >= need, bins, -1), axis=0)
+        threshold = hi * 256 + lo
+        ties = need - tl.sum(tl.where(bins > lo, hist, 0), axis=0)  # keys equal to the threshold to keep (>= 1)
+        # Pass 3: write keys above the threshold and the first `ties` equal ones, in index order.
+        written = tl.zeros([], dtype=tl.int32)
+        equal_seen = tl.zeros([], dtype=tl.int32)
+        for c0 in range(0, n, BLOCK):
+            offs = c0 + tl.arange(0, BLOCK)
+            ok = offs < n
+            bits = tl.load(base + offs, mask=ok, other=0)
+            key = _key16(bits.to(tl.int32))
+            eq = (ok & (key == threshold)).to(tl.int32)
+            take = (ok & (key > threshold)) | ((eq != 0) & (equal_seen + tl.cumsum(eq, axis=0) <= ties))
+            pos = written + tl.cumsum(take.to(tl.int32), axis=0) - 1
+            tl.store(out_bits + row * k + pos, bits, mask=take)
+            tl.store(out_idx + row * k + pos, offs.to(tl.int64), mask=take)
+            written += tl.sum(take.to(tl.int32), axis=0)
+            equal_seen += tl.sum(eq, axis=0)
+
+    @triton.jit
+    def _topk16_filter_kernel(src, out_bits, out_idx, scratch, counts, n, k,
+                              G: tl.constexpr, BLOCK: tl.constexpr, CAP: tl.constexpr, KP: tl.constexpr):
+        # counts[row] must be 0 on entry (it is the candidate counter).
+        row = tl.program_id(0).to(tl.int64)
+        base = src + row * n
+        lanes = tl.arange(0, BLOCK)
+        # Pass 1, elementwise only: lane j's running maximum over keys j, j + BLOCK, ...; then the
+        # maxima of G strided groups (BLOCK is a multiple of G) and their k-th largest, t: k keys
+        # of k different groups are >= t.
+        lane_max = tl.full([BLOCK], -1, dtype=tl.int32)
+        for c0 in range(0, n, BLOCK):
+            offs = c0 + lanes
+            ok = offs < n
+            lane_max = tl.maximum(lane_max, tl.where(ok, _key16(tl.load(base + offs, mask=ok, other=0).to(tl.int32)), -1))
+        group_max = tl.max(tl.reshape(lane_max, [BLOCK // G, G]), axis=0)
+        t = tl.sum(tl.where(tl.arange(0, G) == k - 1, tl.sort(group_max, descending=True), 0), axis=0)
+        # Pass 2 (the row is in L2 now), elementwise only: each candidate >= t takes a slot of the
+        # row's buffer with an atomic increment of the row's counter.
+        for c0 in range(0, n, BLOCK):
+            offs = c0 + lanes
+            ok = offs < n
+            key = _key16(tl.load(base + offs, mask=ok, other=0).to(tl.int32))
+            cand = ok & (key >= t)
+            pos = tl.atomic_add(counts + row + lanes * 0, 1, mask=cand, sem="relaxed")
+            tl.store(scratch + row * CAP + pos, ((key - 32768) << 16) | (65535 - offs), mask=cand & (pos < CAP))
+        tl.debug_barrier()
+        written = tl.atomic_add(counts + row, 0, sem="acquire")
+        if written <= CAP:
+            slots = tl.arange(0, CAP)
+            sorted_keys = tl.sort(tl.load(scratch + row * CAP + slots, mask=slots < written, other=-2147483648), descending=True)
+            tl.debug_barrier()
+            tl.store(scratch + row * CAP + slots, sorted_keys)
+            tl.debug_barrier()
+            js = tl.arange(0, KP)
+            best = tl.load(scratch + row * CAP + js, mask=js < k, other=0)
+            kk = (best >> 16) + 32768
+            bits = tl.where(kk >= 32768, kk - 32768, -1 - kk)
+            tl.store(out_bits + row * k + js, bits.to(tl.int16), mask=js < k)
+            tl.store(out_idx + row * k + js, (65535 - (best & 65535)).to(tl.int64), mask=js < k)
+
+    @triton.jit
+    def _constrain_rows_kernel(grad, w, d, BLOCK_D: tl.constexpr):
+        r = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK_D)
+        ok = cols < d
+        g = tl.load(grad + r * d + cols, mask=ok, other=0.0).to(tl.float32)
+        v = tl.load(w + r * d + cols, mask=ok, other=0.0).to(tl.float32)
+        g -= tl.sum(g * v, axis=0) * v
+        tl.store(grad + r * d + cols, g.to(grad.dtype.element_ty), mask=ok)
+
+    @triton.jit
+    def _normalize_rows_kernel(w, d, eps, BLOCK_D: tl.constexpr):
+        r = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK_D)
+        ok = cols < d
+        v = tl.load(w + r * d + cols, mask=ok, other=0.0).to(tl.float32)
+        norm = tl.maximum(tl.sqrt(tl.sum(v * v, axis=0)), eps)
+        tl.store(w + r * d + cols, (v / norm).to(w.dtype.element_ty), mask=ok)
 
     @triton.jit
     def _gather_dot_kernel(dense, table, indices, out, B, n, d, k,
@@ -167,3 +294,51 @@ def sparse_decode(
 ) -> Float[Tensor, "S B d"]:
     """``x_hat[s, b] = sum_j values[s, b, j] * W_dec[s, indices[s, b, j]] (+ b_dec[s])``, fused, sparse backward."""
     return _SparseDecode.apply(values, indices, W_dec, b_dec)
+
+
+def topk_rows(x: Float[Tensor, "... n"], k: int) -> tuple[Tensor, Int[Tensor, "... k"]]:
+    """The k largest entries of each row of a bf16/fp16 tensor and their indices (exact, unsorted).
+
+    Ties at the k-th value keep the lowest indices. Values come back bit for bit (NaN counts as
+    larger than +inf, as an order-preserving key). Other dtypes: use ``torch.topk``.
+    """
+    if x.dtype not in (torch.bfloat16, torch.float16):
+        raise TypeError(f"topk_rows takes bf16/fp16 rows, got {x.dtype}")
+    n = x.shape[-1]
+    if not 0 < k <= n:
+        raise ValueError(f"k must be in [1, {n}], got {k}")
+    rows = x.reshape(-1, n).contiguous().view(torch.int16)
+    R = rows.shape[0]
+    values = torch.empty(R, k, dtype=x.dtype, device=x.device)
+    indices = torch.empty(R, k, dtype=torch.int64, device=x.device)
+    out_bits = values.view(torch.int16)
+    counts = torch.empty(R, dtype=torch.int32, device=x.device)
+    kp = triton.next_power_of_2(k)
+    n_pad = triton.next_power_of_2(n)
+    if n_pad <= _TOPK_MAX_N and k <= _TOPK_MAX_K:
+        G = min(4 * kp, n_pad)  # groups: G >= k always (k <= n <= n_pad)
+        cap = 4 * kp  # candidates kept per row; more go to the radix select
+        scratch = torch.empty(R, cap, dtype=torch.int32, device=x.device)
+        counts.zero_()
+        block = max(G, min(_TOPK_BLOCK, n_pad))
+        _topk16_filter_kernel[(R,)](rows, out_bits, indices, scratch, counts, n, k, G=G, BLOCK=block, CAP=cap, KP=kp, num_warps=4)
+    else:
+        cap = -1  # every row takes the radix select
+        counts.zero_()
+    block = min(_TOPK_BLOCK, triton.next_power_of_2(n))
+    _topk16_kernel[(R,)](rows, out_bits, indices, counts, n, k, cap, BLOCK=block, num_warps=8 if block >= 2048 else 4)
+    return values.view(*x.shape[:-1], k), indices.view(*x.shape[:-1], k)
+
+
+def constrain_rows(grad: Float[Tensor, "... d"], w: Float[Tensor, "... d"]) -> None:
+    """In place: ``grad[r] -= (grad[r] . w[r]) w[r]`` for every row (fp32 arithmetic)."""
+    d = grad.shape[-1]
+    assert grad.is_contiguous() and w.is_contiguous() and grad.shape == w.shape
+    _constrain_rows_kernel[(grad.numel() // d,)](grad, w, d, BLOCK_D=triton.next_power_of_2(d))
+
+
+def normalize_rows(w: Float[Tensor, "... d"], eps: float = 1e-12) -> None:
+    """In place: ``w[r] /= max(||w[r]||, eps)`` for every row (fp32 arithmetic)."""
+    d = w.shape[-1]
+    assert w.is_contiguous()
+    _normalize_rows_kernel[(w.numel() // d,)](w, d, eps, BLOCK_D=triton.next_power_of_2(d))

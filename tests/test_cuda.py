@@ -101,6 +101,62 @@ def test_bf16_step_gradients_match_float64_dense_reference():
         assert _rel(got, want) < 2e-2, (name, _rel(got, want))
 
 
+@pytest.mark.parametrize("R,n,k", [(257, 32768, 32), (64, 4096, 128), (33, 1000, 999)])
+def test_compiled_radix_select_topk_equals_torch_topk(R, n, k):
+    from saes import kernels, triton_kernels
+
+    gen = torch.Generator().manual_seed(R + n)
+    x = torch.randn(R, n, generator=gen).to(CUDA, torch.bfloat16)
+    x[0, : n // 2] = 0.25  # ties at the k-th value
+    x[1] = x[1].round()  # few distinct values, signed zeros
+    values, indices = triton_kernels.topk_rows(x, k)
+    want = x.float().topk(k, dim=-1).values.sort(-1).values
+    assert torch.equal(values.float().sort(-1).values, want)
+    assert torch.equal(x.gather(-1, indices), values)
+    assert torch.equal(indices.sort(-1).values.diff(dim=-1).clamp(max=1), torch.ones(R, k - 1, dtype=torch.int64, device=CUDA))  # distinct
+    assert kernels.topk(x, k)[1].shape == (R, k)
+
+
+def test_fused_decoder_row_kernels_on_cuda_match_torch(monkeypatch):
+    from saes.step import StackParams, constrain_decoder_grad, normalize_decoder
+
+    gen = torch.Generator().manual_seed(2)
+    runs = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv("INTERP_TRITON", flag)
+        params = StackParams(2, 768, 300, device=CUDA)
+        with torch.no_grad():
+            params.W_dec.copy_(torch.nn.functional.normalize(torch.randn(2, 300, 768, generator=gen.manual_seed(2)), dim=-1))
+        params.W_dec.grad = torch.randn(2, 300, 768, generator=gen.manual_seed(3)).to(CUDA)
+        constrain_decoder_grad(params)
+        grad = params.W_dec.grad.clone()
+        with torch.no_grad():
+            params.W_dec.mul_(torch.rand(2, 300, 1, generator=gen.manual_seed(4)).to(CUDA) + 0.5)
+        normalize_decoder(params)
+        runs[flag] = (grad, params.W_dec.detach().clone())
+    assert float((runs["1"][0] * runs["1"][1]).sum(-1).abs().max()) < 1e-4  # no component along the row left
+    for a, b in zip(runs["1"], runs["0"]):
+        assert _rel(a, b) < 1e-6
+
+
+def test_cuda_step_reads_the_dead_count_without_a_sync_and_matches_the_synced_step():
+    from saes.step import StepConfig, init_stack, init_state, sae_step_loss
+
+    cfg = StepConfig(k=8, dead_tokens_threshold=1000)
+    x = torch.randn(2, 256, 64, generator=torch.Generator().manual_seed(9)).to(CUDA)
+    params = init_stack(2, 64, 512, device=CUDA)
+    state = init_state(2, 512, device=CUDA)
+    state.tokens_since_fired[0, :100] = 5000  # member 0: 100 dead latents, member 1: none
+    _, _, state = sae_step_loss(params, state, x, cfg)
+    assert state.dead_count is not None and state.dead_count[0] is state.tokens_since_fired
+    synced = type(state)(state.tokens_since_fired.clone(), state.threshold.clone(), state.n_steps)
+    loss, metrics, after = sae_step_loss(params, state, x, cfg)
+    loss_s, metrics_s, _ = sae_step_loss(params, synced, x, cfg)
+    assert int(state.dead_count[2][0]) == int((state.tokens_since_fired >= 1000).sum(1).max()) > 0
+    assert float(metrics["auxk_loss"][0]) > 0 and torch.allclose(metrics["auxk_loss"], metrics_s["auxk_loss"], rtol=1e-5)
+    assert torch.allclose(loss, loss_s, rtol=1e-5)
+
+
 def test_trainer_on_cuda_recovers_directions_like_the_cpu_run(tmp_path):
     from test_sae_trainer import known_directions_problem
 

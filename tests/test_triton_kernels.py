@@ -46,6 +46,20 @@ def test_kernels_py_routes_a_full_sae_step_through_triton(interpreted_errors):
     assert not failed, failed
 
 
+def test_radix_select_topk_matches_torch_topk(interpreted_errors):
+    checks = {name: v for name, v in interpreted_errors.items() if name.startswith("topk/")}
+    assert len(checks) == 15, sorted(checks)
+    failed = {name: v for name, v in checks.items() if not v[0] <= v[1]}
+    assert not failed, failed
+
+
+def test_fused_decoder_row_kernels_match_torch(interpreted_errors):
+    checks = {name: v for name, v in interpreted_errors.items() if name.startswith("rows/")}
+    assert set(checks) == {"rows/constrain", "rows/normalize"}
+    failed = {name: v for name, v in checks.items() if not v[0] <= v[1]}
+    assert not failed, failed
+
+
 def test_dispatch_only_for_cuda_and_not_when_disabled(monkeypatch):
     from saes import kernels, triton_kernels
 

@@ -93,12 +93,44 @@ def dispatch_checks(results: dict) -> None:
         results[f"dispatch/{label}"] = [_err(a, b), TOL[torch.float64]]
 
 
+def topk_checks(results: dict) -> None:
+    """Radix-select top-k vs torch.topk on bf16 rows: ties, negatives, signed zeros, k == n, masked tails."""
+    g = torch.Generator().manual_seed(3)
+    for R, n, k in [(3, 100, 7), (4, 5000, 32), (2, 300, 300), (5, 64, 1), (2, 4097, 130)]:
+        x = torch.randn(R, n, generator=g).to(torch.bfloat16)
+        x[0, : n // 2] = 0.5  # a run of ties straddling the k-th value
+        x[-1] = x[-1].round()  # few distinct values: many ties, many exact zeros of both signs
+        x[-1, ::3] = -x[-1, ::3]
+        values, indices = triton_kernels.topk_rows(x, k)
+        want = x.float().topk(k, dim=-1).values.sort(-1).values
+        distinct = all(len(set(row.tolist())) == k for row in indices)
+        in_range = bool(((indices >= 0) & (indices < n)).all())
+        results[f"topk/{R}x{n}x{k}/values"] = [_err(values.float().sort(-1).values, want), 0.0]
+        results[f"topk/{R}x{n}x{k}/values_at_indices"] = [_err(x.gather(-1, indices.clamp(0, n - 1)).float(), values.float()), 0.0]
+        results[f"topk/{R}x{n}x{k}/indices_distinct_in_range"] = [0.0 if distinct and in_range else 1.0, 0.0]
+
+
+def decoder_row_checks(results: dict) -> None:
+    """Fused decoder-gradient projection and row normalisation vs the plain torch formulas."""
+    g = torch.Generator().manual_seed(4)
+    grad, w = torch.randn(2, 9, 70, generator=g), torch.nn.functional.normalize(torch.randn(2, 9, 70, generator=g), dim=-1)
+    want = grad - (grad * w).sum(-1, keepdim=True) * w
+    triton_kernels.constrain_rows(grad, w)
+    results["rows/constrain"] = [_err(grad, want), 1e-5]
+    w = torch.randn(2, 9, 70, generator=g) * 3
+    want = w / w.norm(dim=-1, keepdim=True)
+    triton_kernels.normalize_rows(w)
+    results["rows/normalize"] = [_err(w, want), 1e-6]
+
+
 def main() -> None:
     """Run every check and print the error table as JSON."""
     results: dict[str, list[float]] = {}
     for case in CASES:
         decode_checks(results, *case)
     dispatch_checks(results)
+    topk_checks(results)
+    decoder_row_checks(results)
     print(json.dumps(results))
 
 

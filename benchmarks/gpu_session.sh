@@ -30,6 +30,8 @@ if [[ $what == bench || $what == all ]]; then
     echo "== $v"; env $v python3 benchmarks/sae_train.py $big --skip dense sparsify "$@" 2>&1 | tail -2
   done 2>&1 | tee "$OUT/variants.log"
   python3 benchmarks/sae_train.py $big --batch 16384 --steps 10 "$@" 2>&1 | tee "$OUT/bench_768_b16k.log"
+  # eai-sparsify's default step: 32 sequences x 2048 tokens
+  python3 benchmarks/sae_train.py $big --batch 65536 --steps 5 --warmup 2 "$@" 2>&1 | tee "$OUT/bench_768_b64k.log"
   python3 benchmarks/sae_train.py --device cuda --latents 4096 16384 --steps 30 --warmup 3 "$@" 2>&1 | tee "$OUT/bench_576.log"
 fi
 exit $rc

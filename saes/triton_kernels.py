@@ -6,9 +6,13 @@ row ``s * B + b`` of the flattened ``[S * B, ...]`` batch. Three kernels, one pr
 (token, block of d):
 
 - gather-sum (decoder forward): ``y[r] = sum_j values[r, j] * table[row(r, j)] (+ bias[s])``;
-- scatter-rows (weight gradients): ``out[row(r, j)] += coef[r, j] * dense[r]`` with atomic adds,
-  so on CUDA the summation order (and the last bits of the result) varies run to run (a sorted
-  segment-sum version without atomics was measured slower on an H100: 338 vs 290 us, plus the sort);
+- scatter-rows (weight gradients), two ways. Few entries per output row (``B * k < 8 n``):
+  ``out[row(r, j)] += coef[r, j] * dense[r]`` with atomic adds, so on CUDA the summation order
+  (and the last bits of the result) varies run to run. Many (large batches): the entries are
+  sorted by row (``torch.sort``), then one program per (row, block of d) sums its segment and
+  writes the row once, with no atomics and no zero-fill. On an H100 (n 32k, d 768, k 32) the sorted
+  version takes 405 / 613 / 2,162 us at batch 4k / 16k / 64k against the atomics' 289 / 1,022 /
+  3,915 us;
 - gather-dot (gradient of the selected values): ``out[r, j] = dense[r] . table[row(r, j)]``;
 - row top-k of 16-bit floats (the bf16 pre-activations on CUDA), exact, one program per row.
   Floats map to order-preserving 16-bit keys. The row is split into G = 4k strided groups; the
@@ -49,6 +53,9 @@ __all__ = ["AVAILABLE", "enabled_for", "sparse_decode", "scatter_rows", "gather_
 
 _BLOCK_K = 16
 _BLOCK_D = 64
+_BLOCK_E = 16  # sorted entries summed per iteration of a segment
+_BLOCK_D_SEG = 256
+_SEGMENT_MIN_ENTRIES = 8  # entries per output row from which scatter-rows sorts instead of adding atomically
 _TOPK_BLOCK = 2048  # keys per chunk
 _TOPK_MAX_N = 65536  # indices packed in 16 bits
 _TOPK_MAX_K = 64  # larger k: torch.topk (the filter's candidate count grows with k)
@@ -213,6 +220,25 @@ if AVAILABLE:
         tl.store(w + r * d + cols, (v / norm).to(w.dtype.element_ty), mask=ok)
 
     @triton.jit
+    def _segment_sum_kernel(coef, order, offsets, dense, out, d, k,
+                            ACC: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr):
+        # out[i, cols] = sum over sorted entries p in [offsets[i], offsets[i+1]) of coef[e] * dense[e // k, cols], e = order[p]
+        i = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        col_ok = cols < d
+        start = tl.load(offsets + i)
+        end = tl.load(offsets + i + 1)
+        acc = tl.zeros([BLOCK_D], dtype=ACC)
+        for p0 in range(start, end, BLOCK_E):
+            ps = p0 + tl.arange(0, BLOCK_E)
+            p_ok = ps < end
+            e = tl.load(order + ps, mask=p_ok, other=0).to(tl.int64)
+            c = tl.load(coef + e, mask=p_ok, other=0.0).to(ACC)
+            g = tl.load(dense + (e // k)[:, None] * d + cols[None, :], mask=p_ok[:, None] & col_ok[None, :], other=0.0)
+            acc += tl.sum(c[:, None] * g.to(ACC), axis=0)
+        tl.store(out + i * d + cols, acc.to(out.dtype.element_ty), mask=col_ok)
+
+    @triton.jit
     def _gather_dot_kernel(dense, table, indices, out, B, n, d, k,
                            ACC: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
         r = tl.program_id(0).to(tl.int64)
@@ -243,17 +269,35 @@ def _gather_sum(values: Tensor, indices: Tensor, table: Tensor, bias: Tensor | N
 
 
 def scatter_rows(
-    coef: Float[Tensor, "S B k"], indices: Int[Tensor, "S B k"], dense: Float[Tensor, "S B d"], n: int
+    coef: Float[Tensor, "S B k"], indices: Int[Tensor, "S B k"], dense: Float[Tensor, "S B d"], n: int,
+    sorted_segments: bool | None = None,
 ) -> Float[Tensor, "S n d"]:
-    """``out[s, i] = sum over (b, j) with indices[s, b, j] == i of coef[s, b, j] * dense[s, b]``."""
+    """``out[s, i] = sum over (b, j) with indices[s, b, j] == i of coef[s, b, j] * dense[s, b]``.
+
+    ``sorted_segments`` picks the sorted segment sums (True) or atomic adds (False); None picks
+    segments when there are at least 8 entries per output row on average (``B * k >= 8 n``).
+    """
     S, B, k = coef.shape
     d = dense.shape[-1]
     acc = _acc_dtype(coef, dense)
-    out = torch.zeros(S, n, d, dtype=acc, device=dense.device)
-    grid = (S * B, triton.cdiv(d, _BLOCK_D))
-    _scatter_rows_kernel[grid](coef.contiguous(), indices.contiguous(), dense.contiguous(), out, B, n, d, k,
-                               ACC=_TL_DTYPE[acc], BLOCK_K=_BLOCK_K, BLOCK_D=_BLOCK_D)
-    return out.to(dense.dtype)
+    if sorted_segments is None:
+        sorted_segments = B * k >= _SEGMENT_MIN_ENTRIES * n
+    if not sorted_segments:
+        out = torch.zeros(S, n, d, dtype=acc, device=dense.device)
+        grid = (S * B, triton.cdiv(d, _BLOCK_D))
+        _scatter_rows_kernel[grid](coef.contiguous(), indices.contiguous(), dense.contiguous(), out, B, n, d, k,
+                                   ACC=_TL_DTYPE[acc], BLOCK_K=_BLOCK_K, BLOCK_D=_BLOCK_D)
+        return out.to(dense.dtype)
+    flat = indices.reshape(S, B * k).to(torch.int32 if S * n < 2**31 else torch.int64)
+    if S > 1:
+        flat = flat + torch.arange(S, device=flat.device, dtype=flat.dtype).mul_(n).view(S, 1)
+    rows, order = torch.sort(flat.reshape(-1))
+    offsets = torch.searchsorted(rows, torch.arange(S * n + 1, device=flat.device, dtype=flat.dtype))
+    out = torch.empty(S, n, d, dtype=dense.dtype, device=dense.device)
+    grid = (S * n, triton.cdiv(d, _BLOCK_D_SEG))
+    _segment_sum_kernel[grid](coef.contiguous(), order, offsets, dense.contiguous(), out, d, k,
+                              ACC=_TL_DTYPE[acc], BLOCK_E=_BLOCK_E, BLOCK_D=_BLOCK_D_SEG)
+    return out
 
 
 def gather_dot(

@@ -44,7 +44,8 @@ def test_compiled_triton_kernels_match_float64_reference(S, B, d, n, k, dtype):
     want_gather = torch.einsum("sbd,snd->sbn", dense, W_dec).gather(-1, idx)
     want_decode = torch.einsum("sbn,snd->sbd", f, W_dec)
     for label, got, want in [
-        ("scatter_rows", triton_kernels.scatter_rows(on["values"], on_idx, on["dense"], n), want_scatter),
+        ("scatter_rows", triton_kernels.scatter_rows(on["values"], on_idx, on["dense"], n, sorted_segments=False), want_scatter),
+        ("scatter_rows sorted", triton_kernels.scatter_rows(on["values"], on_idx, on["dense"], n, sorted_segments=True), want_scatter),
         ("gather_dot", triton_kernels.gather_dot(on["dense"], on["W_dec"], on_idx), want_gather),
         ("sparse_decode", triton_kernels.sparse_decode(on["values"], on_idx, on["W_dec"]), want_decode),
     ]:

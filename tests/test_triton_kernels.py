@@ -30,7 +30,7 @@ def interpreted_errors() -> dict[str, list[float]]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("part", ["x_hat", "grad_values", "grad_W_dec", "grad_b_dec", "scatter_rows", "gather_dot"])
+@pytest.mark.parametrize("part", ["x_hat", "grad_values", "grad_W_dec", "grad_b_dec", "scatter_rows", "scatter_rows_sorted", "gather_dot"])
 def test_triton_kernels_match_torch_path(interpreted_errors, part):
     checks = {name: v for name, v in interpreted_errors.items() if name.endswith("/" + part) and not name.startswith("dispatch/")}
     expected = 2 if part == "grad_b_dec" else 4  # b_dec is fused in 2 of the 4 cases

@@ -57,7 +57,9 @@ def decode_checks(results: dict, S, B, d, n, k, dtype, with_bias: bool) -> None:
     ref_grads = torch.autograd.grad((want * probe).sum(), ref)
     for label, a, b in zip(["values", "W_dec", "b_dec"], grads, ref_grads):
         results[f"{tag}/grad_{label}"] = [_err(a, b), tol]
-    results[f"{tag}/scatter_rows"] = [_err(triton_kernels.scatter_rows(values, indices, probe, n), kernels.scatter_rows(values, indices, probe, n)), tol]
+    want = kernels.scatter_rows(values, indices, probe, n)
+    results[f"{tag}/scatter_rows"] = [_err(triton_kernels.scatter_rows(values, indices, probe, n, sorted_segments=False), want), tol]
+    results[f"{tag}/scatter_rows_sorted"] = [_err(triton_kernels.scatter_rows(values, indices, probe, n, sorted_segments=True), want), tol]
     results[f"{tag}/gather_dot"] = [_err(triton_kernels.gather_dot(probe, W_dec, indices), kernels.gather_dot(probe, W_dec, indices)), tol]
 
 

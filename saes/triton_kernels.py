@@ -49,7 +49,7 @@ except ImportError:  # Triton is the optional `triton` extra; the torch kernels 
 AVAILABLE: bool = triton is not None
 """Whether Triton imported; without it every caller uses the torch kernels."""
 
-__all__ = ["AVAILABLE", "enabled_for", "sparse_decode", "scatter_rows", "gather_dot", "topk_rows", "constrain_rows", "normalize_rows"]
+__all__ = ["AVAILABLE", "enabled_for", "sparse_decode", "scatter_rows", "gather_dot", "topk_rows", "topk_fast", "constrain_rows", "normalize_rows"]
 
 _BLOCK_K = 16
 _BLOCK_D = 64
@@ -340,6 +340,12 @@ def sparse_decode(
     return _SparseDecode.apply(values, indices, W_dec, b_dec)
 
 
+def topk_fast(n: int, k: int) -> bool:
+    """Whether :func:`topk_rows` takes its filter path for rows of ``n`` and this ``k`` (else every
+    row goes to the radix select, measured slower than ``torch.topk``: 1,565 vs 1,068 us at n 32k)."""
+    return 0 < k <= min(n, _TOPK_MAX_K) and triton.next_power_of_2(n) <= _TOPK_MAX_N
+
+
 def topk_rows(x: Float[Tensor, "... n"], k: int) -> tuple[Tensor, Int[Tensor, "... k"]]:
     """The k largest entries of each row of a bf16/fp16 tensor and their indices (exact, unsorted).
 
@@ -359,7 +365,7 @@ def topk_rows(x: Float[Tensor, "... n"], k: int) -> tuple[Tensor, Int[Tensor, ".
     counts = torch.empty(R, dtype=torch.int32, device=x.device)
     kp = triton.next_power_of_2(k)
     n_pad = triton.next_power_of_2(n)
-    if n_pad <= _TOPK_MAX_N and k <= _TOPK_MAX_K:
+    if topk_fast(n, k):
         G = min(4 * kp, n_pad)  # groups: G >= k always (k <= n <= n_pad)
         cap = 4 * kp  # candidates kept per row; more go to the radix select
         scratch = torch.empty(R, cap, dtype=torch.int32, device=x.device)

@@ -14,6 +14,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 pytest.importorskip("triton")
 
@@ -58,6 +59,21 @@ def test_fused_decoder_row_kernels_match_torch(interpreted_errors):
     assert set(checks) == {"rows/constrain", "rows/normalize"}
     failed = {name: v for name, v in checks.items() if not v[0] <= v[1]}
     assert not failed, failed
+
+
+def test_topk_goes_to_triton_only_where_its_filter_is_fast(monkeypatch):
+    from saes import kernels, triton_kernels
+
+    calls = []
+    stub = SimpleNamespace(topk_fast=triton_kernels.topk_fast, topk_rows=lambda x, k: calls.append(k) or x.topk(k, dim=-1))
+    monkeypatch.setattr(kernels, "_triton_for", lambda t: stub)
+    x = torch.randn(3, 300).to(torch.bfloat16)
+    for k in (1, 32, 64, 65, 128, 300):
+        values, _ = kernels.topk(x, k)
+        assert torch.equal(values.float().sort(-1).values, x.float().topk(k, dim=-1).values.sort(-1).values)
+    kernels.topk(torch.randn(3, 300), 8)  # fp32: torch.topk
+    kernels.topk(torch.randn(1, 70000).to(torch.bfloat16), 8)  # too wide for 16-bit indices
+    assert calls == [1, 32, 64]
 
 
 def test_dispatch_only_for_cuda_and_not_when_disabled(monkeypatch):

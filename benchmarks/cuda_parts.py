@@ -2,10 +2,11 @@
 
     python benchmarks/cuda_parts.py --d-in 768 --latents 32768 --batch 4096
 
-Parts: the bf16 encoder GEMM (the roofline), ``torch.topk`` vs the Triton radix select, the sparse weight-gradient
-scatter and gather-dot (Triton vs the torch sparse ops), the fused Adam update of all weights, and
-the decoder constraint + renormalization. Each part's
-result is checked against the plain version before it is timed. Never asserts a time.
+Parts: the bf16 encoder GEMM (the roofline), ``torch.topk`` vs the Triton top-k, the sparse
+weight-gradient scatter (torch sparse, Triton atomics, Triton sorted segments) and gather-dot,
+the fused Adam update of all weights, and the decoder constraint + renormalization (Triton vs
+torch). Each part's result is checked against the plain version before it is timed. Never asserts
+a time.
 """
 
 from __future__ import annotations
@@ -44,19 +45,22 @@ def main() -> None:
     rows.append(("topk torch", ms(lambda: pre.topk(k, dim=-1, sorted=False)), ""))
     got = triton_kernels.topk_rows(pre, k)
     same = torch.equal(got[0].float().sort(-1).values, ref[0].float().sort(-1).values)
-    rows.append(("topk triton radix select", ms(lambda: triton_kernels.topk_rows(pre, k)), f"values equal torch.topk: {same}"))
+    rows.append(("topk triton (filter + radix)", ms(lambda: triton_kernels.topk_rows(pre, k)), f"values equal torch.topk: {same}"))
     idx = ref[1].contiguous()
     coef = torch.randn(1, B, k, device=dev)
     dense = torch.randn(1, B, d, device=dev)
     table = torch.randn(1, n, d, device=dev)
-    tri_scatter = triton_kernels.scatter_rows(coef, idx, dense, n)
+    tri_scatter = triton_kernels.scatter_rows(coef, idx, dense, n, sorted_segments=False)
     os.environ["INTERP_TRITON"] = "0"
     torch_scatter = kernels.scatter_rows(coef, idx, dense, n)
     rows.append(("scatter_rows torch sparse", ms(lambda: kernels.scatter_rows(coef, idx, dense, n)), ""))
     rows.append(("gather_dot torch sparse", ms(lambda: kernels.gather_dot(dense, table, idx)), ""))
     os.environ.pop("INTERP_TRITON")
     err = float((tri_scatter - torch_scatter).norm() / torch_scatter.norm())
-    rows.append(("scatter_rows triton", ms(lambda: triton_kernels.scatter_rows(coef, idx, dense, n)), f"rel diff {err:.1e}"))
+    rows.append(("scatter_rows triton atomics", ms(lambda: triton_kernels.scatter_rows(coef, idx, dense, n, sorted_segments=False)), f"rel diff {err:.1e}"))
+    seg = triton_kernels.scatter_rows(coef, idx, dense, n, sorted_segments=True)
+    seg_err = float((seg - torch_scatter).norm() / torch_scatter.norm())
+    rows.append(("scatter_rows triton sorted", ms(lambda: triton_kernels.scatter_rows(coef, idx, dense, n, sorted_segments=True)), f"rel diff {seg_err:.1e}"))
     rows.append(("gather_dot triton", ms(lambda: triton_kernels.gather_dot(dense, table, idx)), ""))
     rows.append(("decode triton", ms(lambda: triton_kernels.sparse_decode(coef, idx, table)), ""))
 

@@ -43,12 +43,39 @@ def topk(x: Float[Tensor, "... n"], k: int) -> tuple[Tensor, Int[Tensor, "... k"
 
     bf16/fp16 rows on CUDA (the encoder's pre-activations) with ``k <= 64`` and ``n <= 65536`` go to
     Triton (:func:`saes.triton_kernels.topk_rows`: 297 vs 1,068 us for k 32 of 32,768 on an H100);
-    everything else to ``torch.topk(sorted=False)``. Both are exact; among ties at the k-th value
-    either may keep different indices.
+    wide CPU rows (``n >= 64 k``) to :func:`_grouped_topk`; everything else to
+    ``torch.topk(sorted=False)``. All are exact; among ties at the k-th value they may keep
+    different indices.
     """
     if x.dtype in (torch.bfloat16, torch.float16) and (tk := _triton_for(x)) is not None and tk.topk_fast(x.shape[-1], k):
         return tk.topk_rows(x, k)
+    n = x.shape[-1]
+    if not x.is_cuda and 0 < k and n % _GROUPS == 0 and n >= 64 * k and x.is_contiguous():
+        return _grouped_topk(x, k)
     return x.topk(k, dim=-1, sorted=False)
+
+
+_GROUPS = 8  # elements per strided group in the CPU top-k
+
+
+def _grouped_topk(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Exact top-k per row from the k strided groups with the largest maxima (CPU).
+
+    Each row is split into ``m = n / 8`` groups ``{g, g + m, ..., g + 7m}``. Every one of the k
+    largest entries lies in one of the k groups with the largest maxima: an entry whose group is
+    not among them has k group maxima (k other entries) at least as large. So one vectorised max
+    over the groups, a top-k over the ``m`` maxima and a top-k over the ``8k`` gathered candidates
+    give the same values as ``torch.topk`` (among ties, possibly other indices). On one CPU thread:
+    57 vs 80 ms for k 32 of 4,096 per row, 122 vs 199 ms of 16,384, 4,096 rows (RESULTS.md).
+    """
+    n = x.shape[-1]
+    rows = x.reshape(-1, n)
+    R, m = rows.shape[0], n // _GROUPS
+    group_max = rows.view(R, _GROUPS, m).amax(1)
+    groups = group_max.topk(k, dim=-1, sorted=False).indices
+    cand = (groups.unsqueeze(-1) + torch.arange(0, n, m, device=x.device).view(1, 1, _GROUPS)).view(R, k * _GROUPS)
+    values, pos = rows.gather(1, cand).topk(k, dim=-1, sorted=False)
+    return values.view(*x.shape[:-1], k), cand.gather(1, pos).view(*x.shape[:-1], k)
 
 
 def _flat_rows(indices: Int[Tensor, "S B k"], n: int) -> Int[Tensor, "S*B k"]:

@@ -85,3 +85,29 @@ def test_gradient_touches_only_selected_latents():
     used[indices.flatten()] = True
     assert (p["W_dec"].grad[0, ~used] == 0).all() and (p["W_enc"].grad[0][:, ~used] == 0).all()
     assert (p["b_enc"].grad[0, ~used] == 0).all()
+
+
+@pytest.mark.parametrize("case", ["random", "ties", "one_group", "masked", "nan"])
+@pytest.mark.parametrize("n,k", [(4096, 32), (2048, 1), (4096, 64), (1024, 16)])
+def test_cpu_grouped_topk_equals_torch_topk(case, n, k):
+    """The CPU top-k from strided group maxima returns torch.topk's values, at valid indices."""
+    from saes.kernels import _grouped_topk, topk
+
+    gen = torch.Generator().manual_seed(n + k)
+    x = torch.randn(2, 3, n, generator=gen)
+    m = n // 8
+    if case == "ties":
+        x[..., ::5] = 0.5
+    elif case == "one_group":  # the k largest all in group 0 (and its 8 members), then in group 1
+        x[..., 0::m] = 100 + torch.arange(8.0)
+        x[..., 1::m] = 50 + torch.arange(8.0)
+    elif case == "masked":  # AuxK-style rows: all but a few entries are -inf
+        x = x.masked_fill(torch.rand(x.shape, generator=gen) > 0.01, -float("inf"))
+    elif case == "nan":  # torch.topk ranks NaN above everything
+        x[0, 0, 7] = float("nan")
+    values, indices = _grouped_topk(x, k)
+    want = x.topk(k, dim=-1).values
+    assert torch.equal(values.sort(-1).values.nan_to_num(), want.sort(-1).values.nan_to_num())
+    assert torch.equal(x.gather(-1, indices).nan_to_num(), values.nan_to_num())
+    assert (indices.sort(-1).values.diff(dim=-1) > 0).all()  # k distinct positions
+    assert topk(x, k)[1].shape == indices.shape

@@ -314,20 +314,21 @@ def sae_step_loss(
     fired[flat.reshape(-1)] = True
     fired = fired[:-1].view(S, n)
     since = torch.where(fired, torch.zeros_like(state.tokens_since_fired), state.tokens_since_fired + B)
+    dead_after = since >= cfg.dead_tokens_threshold
     metrics = {
         "fvu": fvu.detach(),
         "l0": active.sum(-1).to(x.dtype).mean(1),
-        "dead_fraction": (since >= cfg.dead_tokens_threshold).to(x.dtype).mean(1),
+        "dead_fraction": dead_after.to(x.dtype).mean(1),
         "auxk_loss": auxk.detach(),
     }
-    prefetch = _prefetch_dead_count(since, cfg) if cfg.auxk and since.is_cuda else None
+    prefetch = _prefetch_dead_count(since, dead_after, cfg) if cfg.auxk and since.is_cuda else None
     return loss, metrics, dataclasses.replace(state, tokens_since_fired=since, threshold=threshold.detach(), n_steps=state.n_steps + 1,
                                               dead_count=prefetch)
 
 
-def _prefetch_dead_count(since: Tensor, cfg: StepConfig) -> tuple:
-    """Start copying ``max_s #dead latents`` of ``since`` to pinned host memory; see ``StepState.dead_count``."""
-    count = (since >= cfg.dead_tokens_threshold).sum(1).max().reshape(1)
+def _prefetch_dead_count(since: Tensor, dead: Tensor, cfg: StepConfig) -> tuple:
+    """Start copying ``max_s #dead latents`` (``dead = since >= threshold``) to pinned host memory; see ``StepState.dead_count``."""
+    count = dead.sum(1).max().reshape(1)
     host = torch.empty(1, dtype=count.dtype, pin_memory=True)
     host.copy_(count, non_blocking=True)
     event = torch.cuda.Event()

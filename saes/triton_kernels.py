@@ -20,8 +20,8 @@ row ``s * B + b`` of the flattened ``[S * B, ...]`` batch. Three kernels, one pr
   among the candidates >= t (37 on average, at most 49, for k 32 of 32,768 on random rows; a
   second pass over the row, from L2, collects them). Both passes are elementwise (no reduction or
   scan inside the loops). The candidates, packed as ``(key << 16) | (65535 - index)``, take slots
-  of a per-row buffer of 4k by atomic increments of the row's counter, and are sorted; the first k are
-  the answer (ties keep the lowest indices). Rows with more candidates than the buffer holds (many
+  of a per-row buffer of 4k by atomic increments of the row's counter, and are sorted; the first
+  k are the answer (ties keep the lowest indices). Rows with more candidates than the buffer holds (many
   ties) are finished by a radix select: 256-bin histograms of the keys' high and low bytes find
   the k-th key, then a prefix sum writes the keys above it and the first ties;
 - decoder rows: remove from each gradient row its component along the (unit) decoder row, and

@@ -1,11 +1,24 @@
-"""Sparse SAE kernels against a dense reference: outputs and gradients of every parameter."""
+"""Sparse SAE kernels against a dense reference: outputs and gradients of every parameter.
+
+Every test runs twice on CPU: with the compiled Numba kernels (:mod:`saes.cpu_kernels`, the
+default) and with the plain torch ops (``INTERP_NUMBA=0``).
+"""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from saes.kernels import encode_topk, gather_dot, scatter_rows, sparse_decode
+from saes import cpu_kernels
+from saes.kernels import _grouped_topk, encode_topk, gather_dot, scatter_rows, sparse_decode, topk
+
+
+@pytest.fixture(params=["numba", "torch"], autouse=True)
+def cpu_backend(request, monkeypatch):
+    """Which CPU kernels :mod:`saes.kernels` dispatches to (Numba is a core dependency: it must import)."""
+    assert cpu_kernels.AVAILABLE, "numba did not import; it is a dependency of the project"
+    monkeypatch.setenv("INTERP_NUMBA", "1" if request.param == "numba" else "0")
+    return request.param
 
 SHAPES = [(1, 7, 5, 12, 3), (3, 16, 8, 40, 5), (2, 33, 6, 9, 8)]  # (S, B, d, n, k)
 
@@ -89,10 +102,8 @@ def test_gradient_touches_only_selected_latents():
 
 @pytest.mark.parametrize("case", ["random", "ties", "one_group", "masked", "nan"])
 @pytest.mark.parametrize("n,k", [(4096, 32), (2048, 1), (4096, 64), (1024, 16)])
-def test_cpu_grouped_topk_equals_torch_topk(case, n, k):
-    """The CPU top-k from strided group maxima returns torch.topk's values, at valid indices."""
-    from saes.kernels import _grouped_topk, topk
-
+def test_cpu_grouped_topk_equals_torch_topk(case, n, k, cpu_backend):
+    """The CPU top-k from strided group maxima (compiled, or torch ops) returns torch.topk's values, at valid indices."""
     gen = torch.Generator().manual_seed(n + k)
     x = torch.randn(2, 3, n, generator=gen)
     m = n // 8
@@ -105,9 +116,54 @@ def test_cpu_grouped_topk_equals_torch_topk(case, n, k):
         x = x.masked_fill(torch.rand(x.shape, generator=gen) > 0.01, -float("inf"))
     elif case == "nan":  # torch.topk ranks NaN above everything
         x[0, 0, 7] = float("nan")
-    values, indices = _grouped_topk(x, k)
+    values, indices = (cpu_kernels.topk_rows if cpu_backend == "numba" else _grouped_topk)(x, k)
     want = x.topk(k, dim=-1).values
     assert torch.equal(values.sort(-1).values.nan_to_num(), want.sort(-1).values.nan_to_num())
     assert torch.equal(x.gather(-1, indices).nan_to_num(), values.nan_to_num())
     assert (indices.sort(-1).values.diff(dim=-1) > 0).all()  # k distinct positions
     assert topk(x, k)[1].shape == indices.shape
+
+
+def test_compiled_kernels_split_over_threads_give_the_same_bits():
+    """With 2 threads the work is split (rows, or output rows for the scatter); results equal 1 thread's and the torch path's."""
+    S, B, d, n, k = 2, 512, 64, 4096, 16
+    g = torch.Generator().manual_seed(5)
+    coef = torch.randn(S, B, k, generator=g)
+    indices = torch.randint(0, n, (S, B, k), generator=g)
+    indices[:, :, 1] = indices[:, :, 0]  # repeated latents within a token
+    dense = torch.randn(S, B, d, generator=g)
+    table = torch.randn(S, n, d, generator=g)
+    x = torch.randn(S, 64, n, generator=g)
+    x[0, :8, ::7] = 1.0  # ties
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            assert cpu_kernels._parts(B * S * k * d, S * n) == t
+            values = torch.randn(S, B, k, generator=torch.Generator().manual_seed(6)).requires_grad_()
+            W = table.clone().requires_grad_()
+            y = sparse_decode(values, indices, W)
+            y.backward(dense)
+            runs.append((scatter_rows(coef, indices, dense, n), gather_dot(dense, table, indices), y, values.grad, W.grad,
+                         *cpu_kernels.topk_rows(x, k)))
+    finally:
+        torch.set_num_threads(threads)
+    for one, two in zip(*runs):
+        assert torch.equal(one, two)
+    f = torch.zeros(S, B, n, dtype=torch.float64).scatter_add(-1, indices, coef.double())
+    assert torch.allclose(runs[0][0].double(), torch.einsum("sbn,sbd->snd", f, dense.double()), atol=1e-4)
+    assert torch.allclose(runs[0][1].double(), torch.einsum("sbd,snd->sbn", dense.double(), table.double()).gather(-1, indices), atol=1e-4)
+    assert torch.equal(runs[0][5].sort(-1).values, x.topk(k, dim=-1).values.sort(-1).values)
+    assert torch.equal(x.gather(-1, runs[0][6]), runs[0][5])
+
+
+def test_numba_switch_selects_the_kernels(monkeypatch):
+    from saes.kernels import _numba_for
+
+    x = torch.zeros(3)
+    monkeypatch.setenv("INTERP_NUMBA", "0")
+    assert _numba_for(x) is None
+    monkeypatch.setenv("INTERP_NUMBA", "1")
+    assert _numba_for(x) is cpu_kernels
+    assert _numba_for(x.half()) is None and _numba_for(x, x.long()) is None

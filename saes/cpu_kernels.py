@@ -55,10 +55,21 @@ def enabled_for(t: Tensor) -> bool:
     return AVAILABLE and not t.is_cuda and t.dtype in (torch.float32, torch.float64) and os.environ.get("INTERP_NUMBA", "1") != "0"
 
 
+def _njit(**options):
+    """``numba.njit`` caching compiled code on disk, or in memory only where no cache directory is
+    writable (Numba refuses ``cache=True`` there, at decoration time)."""
+    def decorate(fn):
+        try:
+            return numba.njit(cache=True, **options)(fn)
+        except RuntimeError:
+            return numba.njit(cache=False, **options)(fn)
+    return decorate
+
+
 if numba is not None:
     # reassoc/contract let LLVM vectorise the dot products; NaN and Inf keep their IEEE meaning.
     _FAST = {"reassoc", "contract", "nsz"}
-    _jit = numba.njit(cache=True, nogil=True, boundscheck=False, fastmath=_FAST)
+    _jit = _njit(nogil=True, boundscheck=False, fastmath=_FAST)
 
     @_jit
     def _gather_sum(values, rows, table, out, r0, r1):
@@ -129,7 +140,7 @@ if numba is not None:
             if v > out_v[0]:
                 _sift_down(out_v, out_i, k, 0, v, idx[j])
 
-    @numba.njit(cache=True, nogil=True, boundscheck=False)
+    @_njit(nogil=True, boundscheck=False)
     def _topk_rows(x, k, out_v, out_i, fallback, r0, r1):
         n = x.shape[1]
         m = n // _GROUPS
@@ -181,6 +192,15 @@ if numba is not None:
 
 _pool: ThreadPoolExecutor | None = None
 _pool_size = 0
+
+
+def _forget_pool() -> None:
+    """A forked child has none of the parent's worker threads: it must start its own pool."""
+    global _pool, _pool_size
+    _pool, _pool_size = None, 0
+
+
+os.register_at_fork(after_in_child=_forget_pool)
 
 
 def _run(kernel, parts: int, *args) -> None:

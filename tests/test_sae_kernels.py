@@ -167,3 +167,32 @@ def test_numba_switch_selects_the_kernels(monkeypatch):
     monkeypatch.setenv("INTERP_NUMBA", "1")
     assert _numba_for(x) is cpu_kernels
     assert _numba_for(x.half()) is None and _numba_for(x, x.long()) is None
+
+
+def _child_scatter(conn) -> None:
+    """In a forked child: the compiled scatter split over 2 pool threads (the parent's threads are gone)."""
+    import numpy as np
+
+    coef, rows, dense = np.ones((64, 2), np.float32), np.arange(128, dtype=np.int64).reshape(64, 2) % 16, np.ones((64, 8), np.float32)
+    out = np.empty((16, 8), np.float32)
+    cpu_kernels._run(cpu_kernels._scatter_rows, 2, coef, rows, dense, out, 16)
+    conn.send(float(out.sum()))
+
+
+def test_compiled_kernels_work_in_a_forked_child():
+    """A child forked after the parent used the thread pool starts its own (the old one has no threads there)."""
+    import multiprocessing
+
+    import numpy as np
+
+    out = np.empty((16, 8), np.float32)
+    cpu_kernels._run(cpu_kernels._scatter_rows, 2, np.ones((64, 2), np.float32), np.zeros((64, 2), np.int64), np.ones((64, 8), np.float32), out, 16)
+    assert cpu_kernels._pool is not None and out[0, 0] == 128 and out[1:].sum() == 0
+    ctx = multiprocessing.get_context("fork")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_child_scatter, args=(child,))
+    proc.start()
+    proc.join(timeout=120)
+    if proc.is_alive():
+        proc.kill()
+    assert proc.exitcode == 0 and parent.poll(1) and parent.recv() == 64 * 2 * 8

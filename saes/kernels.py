@@ -50,19 +50,20 @@ def topk(x: Float[Tensor, "... n"], k: int) -> tuple[Tensor, Int[Tensor, "... k"
 
     bf16/fp16 rows on CUDA (the encoder's pre-activations) with ``k <= 64`` and ``n <= 65536`` go to
     Triton (:func:`saes.triton_kernels.topk_rows`: 297 vs 1,068 us for k 32 of 32,768 on an H100);
-    wide CPU rows (``n >= 64 k``, ``n`` divisible by 8) to the compiled
+    wide CPU rows (``n >= 16 k``, ``n`` divisible by 8) to the compiled
     :func:`saes.cpu_kernels.topk_rows` (15 vs 45 ms for k 32 of 4,096, 4,096 rows, one thread) or,
-    without Numba, to :func:`_grouped_topk`; everything else to
+    without Numba, rows with ``n >= 64 k`` to :func:`_grouped_topk`; everything else to
     ``torch.topk(sorted=False)``. All are exact; among ties at the k-th value they may keep
     different indices.
     """
     if x.dtype in (torch.bfloat16, torch.float16) and (tk := _triton_for(x)) is not None and tk.topk_fast(x.shape[-1], k):
         return tk.topk_rows(x, k)
     n = x.shape[-1]
-    if not x.is_cuda and 0 < k and n % _GROUPS == 0 and n >= 64 * k and x.is_contiguous():
-        if (ck := _numba_for(x)) is not None:
+    if not x.is_cuda and x.is_contiguous():
+        if (ck := _numba_for(x)) is not None and ck.topk_supported(n, k):
             return ck.topk_rows(x, k)
-        return _grouped_topk(x, k)
+        if 0 < k and n % _GROUPS == 0 and n >= 64 * k:
+            return _grouped_topk(x, k)
     return x.topk(k, dim=-1, sorted=False)
 
 

@@ -101,7 +101,7 @@ def test_gradient_touches_only_selected_latents():
 
 
 @pytest.mark.parametrize("case", ["random", "ties", "one_group", "masked", "nan"])
-@pytest.mark.parametrize("n,k", [(4096, 32), (2048, 1), (4096, 64), (1024, 16)])
+@pytest.mark.parametrize("n,k", [(4096, 32), (2048, 1), (4096, 64), (1024, 16), (4096, 256), (1024, 64)])
 def test_cpu_grouped_topk_equals_torch_topk(case, n, k, cpu_backend):
     """The CPU top-k from strided group maxima (compiled, or torch ops) returns torch.topk's values, at valid indices."""
     gen = torch.Generator().manual_seed(n + k)

@@ -50,9 +50,9 @@ _MIN_WORK_PER_THREAD = 1 << 18  # multiply-adds (or row entries) below which one
 
 
 def enabled_for(t: Tensor) -> bool:
-    """Whether ``t`` (a CPU tensor) should use these kernels: Numba imports, ``INTERP_NUMBA != "0"``,
-    and the dtype is float32 or float64."""
-    return AVAILABLE and not t.is_cuda and t.dtype in (torch.float32, torch.float64) and os.environ.get("INTERP_NUMBA", "1") != "0"
+    """Whether ``t`` should use these kernels: a CPU tensor of float32 or float64, Numba imports and
+    ``INTERP_NUMBA != "0"``."""
+    return AVAILABLE and t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) and os.environ.get("INTERP_NUMBA", "1") != "0"
 
 
 def _njit(**options):
@@ -214,9 +214,22 @@ def _run(kernel, parts: int, *args) -> None:
     if _pool is None or _pool_size < parts:
         _pool, _pool_size = ThreadPoolExecutor(max_workers=parts, thread_name_prefix="interp-cpu-kernels"), parts
     bounds = np.linspace(0, total, parts + 1).astype(np.int64)
-    futures = [_pool.submit(kernel, *args, int(lo), int(hi)) for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo]
+    ranges = [(int(lo), int(hi)) for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo]
+    try:
+        futures = [_pool.submit(kernel, *args, lo, hi) for lo, hi in ranges]
+    except RuntimeError:  # the interpreter is shutting down (a thread still training after main returned)
+        kernel(*args, 0, total)
+        return
     for f in futures:
         f.result()
+
+
+def _check_rows(rows: Tensor, n_rows: int) -> None:
+    """The kernels do not bounds-check: an index outside the table fails here, as torch's ops would."""
+    if rows.numel():
+        lo, hi = (int(v) for v in torch.aminmax(rows))
+        if lo < 0 or hi >= n_rows:
+            raise IndexError(f"row index out of range [0, {n_rows}): min {lo}, max {hi}")
 
 
 def _parts(work: int, total: int) -> int:
@@ -226,6 +239,7 @@ def _parts(work: int, total: int) -> int:
 def gather_sum(values: Tensor, rows: Tensor, table: Tensor) -> Tensor:
     """``[R, d]``: ``sum_j values[r, j] * table[rows[r, j]]`` (``values`` [R, k] in the table's dtype)."""
     R, k = rows.shape
+    _check_rows(rows, table.shape[0])
     out = torch.empty(R, table.shape[1], dtype=table.dtype)
     v, t = values.detach().to(table.dtype).contiguous(), table.detach().contiguous()
     _run(_gather_sum, _parts(R * k * t.shape[1], R), v.numpy(), rows.contiguous().numpy(), t.numpy(), out.numpy(), R)
@@ -235,6 +249,7 @@ def gather_sum(values: Tensor, rows: Tensor, table: Tensor) -> Tensor:
 def scatter_rows(coef: Tensor, rows: Tensor, dense: Tensor, n_rows: int) -> Tensor:
     """``[n_rows, d]``: row ``i`` is ``sum over (r, j) with rows[r, j] == i of coef[r, j] * dense[r]``."""
     R, k = rows.shape
+    _check_rows(rows, n_rows)
     out = torch.empty(n_rows, dense.shape[1], dtype=dense.dtype)
     c, x = coef.detach().to(dense.dtype).contiguous(), dense.detach().contiguous()
     _run(_scatter_rows, _parts(R * k * x.shape[1], n_rows), c.numpy(), rows.contiguous().numpy(), x.numpy(), out.numpy(), n_rows)
@@ -244,6 +259,7 @@ def scatter_rows(coef: Tensor, rows: Tensor, dense: Tensor, n_rows: int) -> Tens
 def gather_dot(dense: Tensor, rows: Tensor, table: Tensor) -> Tensor:
     """``[R, k]``: ``dense[r] . table[rows[r, j]]`` (in ``dense``'s dtype; ``table`` is cast to it)."""
     R, k = rows.shape
+    _check_rows(rows, table.shape[0])
     out = torch.empty(R, k, dtype=dense.dtype)
     x, t = dense.detach().contiguous(), table.detach().to(dense.dtype).contiguous()
     _run(_gather_dot, _parts(R * k * x.shape[1], R), x.numpy(), rows.contiguous().numpy(), t.numpy(), out.numpy(), R)
@@ -260,7 +276,9 @@ def topk_supported(n: int, k: int) -> bool:
 def topk_rows(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """The k largest entries of each row of a contiguous CPU tensor and their indices, unordered.
 
-    Exact: the same values as ``torch.topk`` (among ties at the k-th value, possibly other indices).
+    Exact: the same values as ``torch.topk`` (among ties at the k-th value, possibly other indices,
+    and a tie of zeros may return ``+0.0`` where torch returns ``-0.0``). No autograd: the values
+    carry no gradient (:func:`saes.kernels.topk` sends rows that require one to ``torch.topk``).
     """
     n = x.shape[-1]
     assert topk_supported(n, k) and x.is_contiguous(), (n, k)

@@ -60,7 +60,7 @@ def topk(x: Float[Tensor, "... n"], k: int) -> tuple[Tensor, Int[Tensor, "... k"
         return tk.topk_rows(x, k)
     n = x.shape[-1]
     if not x.is_cuda and x.is_contiguous():
-        if (ck := _numba_for(x)) is not None and ck.topk_supported(n, k):
+        if not x.requires_grad and (ck := _numba_for(x)) is not None and ck.topk_supported(n, k):
             return ck.topk_rows(x, k)
         if 0 < k and n % _GROUPS == 0 and n >= 64 * k:
             return _grouped_topk(x, k)

@@ -196,3 +196,50 @@ def test_compiled_kernels_work_in_a_forked_child():
     if proc.is_alive():
         proc.kill()
     assert proc.exitcode == 0 and parent.poll(1) and parent.recv() == 64 * 2 * 8
+
+
+def test_out_of_range_latent_indices_raise(cpu_backend):
+    """An index outside the decoder table raises (the compiled kernels do not bounds-check their loops;
+    torch's CSR sampled product does not check either, so gather-dot is only checked on the compiled path)."""
+    values, W, dense = torch.ones(1, 2, 2), torch.randn(1, 5, 3), torch.randn(1, 2, 3)
+    for bad in (5, -1):
+        indices = torch.tensor([[[0, 1], [2, bad]]])
+        with pytest.raises((IndexError, RuntimeError)):
+            sparse_decode(values, indices, W)
+        if cpu_backend == "numba":
+            with pytest.raises(IndexError):
+                gather_dot(dense, W, indices)
+        with pytest.raises((IndexError, RuntimeError)):
+            scatter_rows(values, indices, dense, 5)
+
+
+def test_cpu_topk_keeps_the_gradient_path():
+    """Rows that require grad get values with a gradient on either CPU path (the compiled kernel has none, so it is skipped)."""
+    x = torch.randn(3, 1024, requires_grad=True)
+    values, indices = topk(x, 8)
+    values.sum().backward()
+    assert torch.equal(x.grad, torch.zeros_like(x).scatter(-1, indices, 1.0))
+    assert not cpu_kernels.enabled_for(torch.zeros(3, device="meta"))
+
+
+def test_kernels_still_run_in_a_thread_that_outlives_the_main_thread(tmp_path):
+    """After the main thread returns, the thread pool refuses work: the kernel then runs on the calling thread."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "late.py"
+    script.write_text(
+        "import threading, time, numpy as np\n"
+        "from saes import cpu_kernels\n"
+        "def late():\n"
+        "    time.sleep(0.5)\n"
+        "    out = np.empty((16, 8), np.float32)\n"
+        "    cpu_kernels._run(cpu_kernels._scatter_rows, 2, np.ones((64, 2), np.float32), np.zeros((64, 2), np.int64), np.ones((64, 8), np.float32), out, 16)\n"
+        "    print('sum', float(out.sum()), flush=True)\n"
+        "threading.Thread(target=late).start()\n"
+    )
+    import os
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0 and "sum 1024.0" in done.stdout, done.stderr[-2000:]

@@ -8,7 +8,10 @@ torch would run as several ops (each a pass over memory with its own dispatch):
 - scatter-rows (weight gradients): ``out[i] = sum over (r, j) with rows[r, j] == i of
   coef[r, j] * dense[r]``. Threads own disjoint ranges of output rows and each scans every entry
   in order, so there are no races and the sum order (hence the result) does not depend on the
-  thread count;
+  thread count. Gather-sum and scatter-rows skip entries whose coefficient is 0 (ReLU'd AuxK
+  picks, BatchTopK's unkept candidates: at 3 zeros in 4, 8 vs 26–40 ms and 12 vs 32 ms for 128
+  entries per token), so unlike torch a non-finite row times a zero coefficient adds nothing
+  rather than NaN;
 - gather-dot (gradient of the selected values): ``out[r, j] = dense[r] . table[rows[r, j]]``;
 - row top-k, exact (same values as ``torch.topk``): the row is split into ``m = n / 8`` strided
   groups ``{g, g + m, ..., g + 7m}``. The smallest of the maxima of k blocks of group maxima is a
@@ -79,6 +82,8 @@ if numba is not None:
             y[:] = 0
             for j in range(rows.shape[1]):
                 c = values[r, j]
+                if c == 0:  # ReLU'd AuxK picks, BatchTopK's unkept candidates
+                    continue
                 w = table[rows[r, j]]
                 for t in range(d):
                     y[t] += c * w[t]
@@ -91,8 +96,8 @@ if numba is not None:
             x = dense[r]
             for j in range(rows.shape[1]):
                 i = rows[r, j]
-                if lo <= i < hi:
-                    c = coef[r, j]
+                c = coef[r, j]
+                if lo <= i < hi and c != 0:
                     o = out[i]
                     for t in range(d):
                         o[t] += c * x[t]

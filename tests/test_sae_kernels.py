@@ -125,7 +125,7 @@ def test_cpu_grouped_topk_equals_torch_topk(case, n, k, cpu_backend):
 
 
 def test_compiled_kernels_split_over_threads_give_the_same_bits():
-    """With 2 threads the work is split (rows, or output rows for the scatter); results equal 1 thread's and the torch path's."""
+    """With 2 threads the work is split (rows, or output rows for the scatter): the bits equal 1 thread's, and a dense reference."""
     S, B, d, n, k = 2, 512, 64, 4096, 16
     g = torch.Generator().manual_seed(5)
     coef = torch.randn(S, B, k, generator=g)

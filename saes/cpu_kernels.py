@@ -208,10 +208,8 @@ def _forget_pool() -> None:
 os.register_at_fork(after_in_child=_forget_pool)
 
 
-def _run(kernel, parts: int, *args) -> None:
-    """``kernel(*args[:-1], lo, hi)`` over ``parts`` contiguous ranges of ``[0, args[-1])``, one per thread."""
-    total = args[-1]
-    args = args[:-1]
+def _run(kernel, parts: int, total: int, *args) -> None:
+    """``kernel(*args, lo, hi)`` over ``parts`` contiguous ranges of ``[0, total)``, one per thread."""
     if parts <= 1:
         kernel(*args, 0, total)
         return
@@ -247,7 +245,7 @@ def gather_sum(values: Tensor, rows: Tensor, table: Tensor) -> Tensor:
     _check_rows(rows, table.shape[0])
     out = torch.empty(R, table.shape[1], dtype=table.dtype)
     v, t = values.detach().to(table.dtype).contiguous(), table.detach().contiguous()
-    _run(_gather_sum, _parts(R * k * t.shape[1], R), v.numpy(), rows.contiguous().numpy(), t.numpy(), out.numpy(), R)
+    _run(_gather_sum, _parts(R * k * t.shape[1], R), R, v.numpy(), rows.contiguous().numpy(), t.numpy(), out.numpy())
     return out
 
 
@@ -257,7 +255,7 @@ def scatter_rows(coef: Tensor, rows: Tensor, dense: Tensor, n_rows: int) -> Tens
     _check_rows(rows, n_rows)
     out = torch.empty(n_rows, dense.shape[1], dtype=dense.dtype)
     c, x = coef.detach().to(dense.dtype).contiguous(), dense.detach().contiguous()
-    _run(_scatter_rows, _parts(R * k * x.shape[1], n_rows), c.numpy(), rows.contiguous().numpy(), x.numpy(), out.numpy(), n_rows)
+    _run(_scatter_rows, _parts(R * k * x.shape[1], n_rows), n_rows, c.numpy(), rows.contiguous().numpy(), x.numpy(), out.numpy())
     return out
 
 
@@ -267,7 +265,7 @@ def gather_dot(dense: Tensor, rows: Tensor, table: Tensor) -> Tensor:
     _check_rows(rows, table.shape[0])
     out = torch.empty(R, k, dtype=dense.dtype)
     x, t = dense.detach().contiguous(), table.detach().to(dense.dtype).contiguous()
-    _run(_gather_dot, _parts(R * k * x.shape[1], R), x.numpy(), rows.contiguous().numpy(), t.numpy(), out.numpy(), R)
+    _run(_gather_dot, _parts(R * k * x.shape[1], R), R, x.numpy(), rows.contiguous().numpy(), t.numpy(), out.numpy())
     return out
 
 
@@ -292,7 +290,7 @@ def topk_rows(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
     values = torch.empty(R, k, dtype=x.dtype)
     indices = torch.empty(R, k, dtype=torch.int64)
     fallback = torch.zeros(R, dtype=torch.bool)
-    _run(_topk_rows, _parts(R * n, R), rows.detach().numpy(), k, values.numpy(), indices.numpy(), fallback.numpy(), R)
+    _run(_topk_rows, _parts(R * n, R), R, rows.detach().numpy(), k, values.numpy(), indices.numpy(), fallback.numpy())
     if bool(fallback.any()):
         bad = fallback.nonzero().squeeze(1)
         values[bad], indices[bad] = rows[bad].topk(k, dim=-1, sorted=False)

@@ -178,7 +178,7 @@ def _child_scatter(conn) -> None:
 
     coef, rows, dense = np.ones((64, 2), np.float32), np.arange(128, dtype=np.int64).reshape(64, 2) % 16, np.ones((64, 8), np.float32)
     out = np.empty((16, 8), np.float32)
-    cpu_kernels._run(cpu_kernels._scatter_rows, 2, coef, rows, dense, out, 16)
+    cpu_kernels._run(cpu_kernels._scatter_rows, 2, 16, coef, rows, dense, out)
     conn.send(float(out.sum()))
 
 
@@ -189,7 +189,7 @@ def test_compiled_kernels_work_in_a_forked_child():
     import numpy as np
 
     out = np.empty((16, 8), np.float32)
-    cpu_kernels._run(cpu_kernels._scatter_rows, 2, np.ones((64, 2), np.float32), np.zeros((64, 2), np.int64), np.ones((64, 8), np.float32), out, 16)
+    cpu_kernels._run(cpu_kernels._scatter_rows, 2, 16, np.ones((64, 2), np.float32), np.zeros((64, 2), np.int64), np.ones((64, 8), np.float32), out)
     assert cpu_kernels._pool is not None and out[0, 0] == 128 and out[1:].sum() == 0
     ctx = multiprocessing.get_context("fork")
     parent, child = ctx.Pipe()
@@ -237,7 +237,7 @@ def test_kernels_still_run_in_a_thread_that_outlives_the_main_thread(tmp_path):
         "def late():\n"
         "    time.sleep(0.5)\n"
         "    out = np.empty((16, 8), np.float32)\n"
-        "    cpu_kernels._run(cpu_kernels._scatter_rows, 2, np.ones((64, 2), np.float32), np.zeros((64, 2), np.int64), np.ones((64, 8), np.float32), out, 16)\n"
+        "    cpu_kernels._run(cpu_kernels._scatter_rows, 2, 16, np.ones((64, 2), np.float32), np.zeros((64, 2), np.int64), np.ones((64, 8), np.float32), out)\n"
         "    print('sum', float(out.sum()), flush=True)\n"
         "threading.Thread(target=late).start()\n"
     )

@@ -32,6 +32,7 @@ from einops import repeat
 from jaxtyping import Float
 from torch import Tensor
 
+from interp.compiled import compiled_enabled_for
 from probes.precondition import LowRankPreconditioner
 from probes.solvers import Design, fista, truncated_newton
 
@@ -69,8 +70,8 @@ def sklearn_c_from_l2(l2: float, n_train: int) -> float:
     return 1.0 / (l2 * n_train)
 
 
-def _broadcast(x: Tensor, y: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
-    p, n, _ = x.shape
+def _broadcast(x: Tensor, y: Tensor, mask: Tensor | None, n: int | None = None) -> tuple[Tensor, Tensor]:
+    p, n = x.shape[0], x.shape[1] if n is None else n
     y = y.to(x.device, x.dtype).expand(p, n)
     m = torch.ones(p, n, device=x.device, dtype=x.dtype) if mask is None else mask.to(x.device, x.dtype).expand(p, n)
     return y, m
@@ -111,6 +112,7 @@ def fit_logistic(
     tol: float = 1e-4,
     cg_iter: int = 20,
     precond_rank: int = 32,
+    rows: Tensor | None = None,
 ) -> LinearFit:
     """Fit ``P × R`` (or ``P × S × R``) logistic-regression probes, labels in {0, 1}, as one batch.
 
@@ -122,13 +124,20 @@ def fit_logistic(
     A column has converged when ``max |gradient| ≤ tol`` of the objective above: the same scale
     and criterion as scikit-learn's ``tol`` (default 1e-4) for its lbfgs solver. ``precond_rank``
     eigenpairs of each problem's feature covariance precondition the Newton systems (standardised
-    features only; 0: Jacobi); the minimiser does not depend on it.
+    features only; 0: Jacobi); the minimiser does not depend on it. ``rows`` (indices) trains on
+    ``x[:, rows]`` without copying those rows out first (``y`` and ``mask`` then index them).
+
+    On the CPU (float32/float64, standardised, no L1, rank > 0) the problems are solved one at a
+    time by the compiled solver of :mod:`probes.cpu_solver` (``INTERP_NUMBA=0``: the torch one).
     """
-    p, n, d = x.shape
+    if rows is not None and not (compiled_enabled_for(x) and standardize and l1 == 0 and precond_rank > 0):
+        x, rows = x[:, rows.to(x.device)], None
+    p, d = x.shape[0], x.shape[2]
+    n = x.shape[1] if rows is None else rows.numel()
     sets = y.dim() == 3
     y_sets = y if sets else y.expand(p, n)[:, None, :]
     s_count = y_sets.shape[1]
-    _, m = _broadcast(x, y_sets[:, 0], mask)
+    _, m = _broadcast(x, y_sets[:, 0], mask, n)
     # Row weights of the mean over each problem's training rows.
     s = (m / m.sum(-1, keepdim=True))[:, None, :]
     lam_r = torch.as_tensor(l2, device=x.device, dtype=x.dtype).reshape(-1)
@@ -153,6 +162,10 @@ def fit_logistic(
     # The low-rank preconditioner assumes standardised features (the bias then decouples) and needs
     # at least single precision (a half-precision basis is far from orthonormal): else Jacobi.
     rank = precond_rank if standardize and l1 == 0 and torch.finfo(x.dtype).bits >= 32 else 0
+    if rank > 0 and compiled_enabled_for(x):
+        val = (x_val, yv, sv) if use_val else None
+        _fit_compiled(x, rows, y_cols, s, lam, w, mean, std, n_iter, converged, val, rank, max_iter or 100, tol, cg_iter, patience)
+        return _folded(w, mean, std, n_iter, converged, (p, s_count, r_count) if sets else (p, r_count))
     chunk = p if l1 > 0 else _chunk_size(x)
     if rank > 0:
         omega = LowRankPreconditioner.test_matrix(d, rank, x.device, x.dtype)
@@ -182,12 +195,62 @@ def fit_logistic(
             w[sl] = w[start - 1]
         precond = low_rank.select(sl) if rank > 0 else None
         w[sl], n_iter[sl], converged[sl] = truncated_newton(design, y_cols[sl], s[sl], lam, w[sl], val, max_iter or 100, tol, cg_iter, patience, precond)
-    # Fold the standardisation back: w·(x-μ)/σ + b = (w/σ)·x + (b - Σ w·μ/σ).
+    return _folded(w, mean, std, n_iter, converged, (p, s_count, r_count) if sets else (p, r_count))
+
+
+def _folded(w: Tensor, mean: Tensor, std: Tensor, n_iter: Tensor, converged: Tensor, shape: tuple[int, ...]) -> LinearFit:
+    """The fit in the raw feature space: w·(x-μ)/σ + b = (w/σ)·x + (b - Σ w·μ/σ)."""
+    d = mean.shape[-1]
     weight = w[..., :d] / std
     bias = w[..., d] - (weight * mean).sum(-1)
-    shape = (p, s_count, r_count) if sets else (p, r_count)
     return LinearFit(weight=weight.reshape(*shape, d).contiguous(), bias=bias.reshape(shape),
                      n_iter=n_iter.reshape(shape), converged=converged.reshape(shape))
+
+
+def _fit_compiled(x, rows, y, s, lam, w, mean, std, n_iter, converged, val, rank, max_iter, tol, cg_iter, patience) -> None:
+    """One problem at a time, while its features are in cache: gather its training rows,
+    standardise, sketch the preconditioner, solve with :func:`probes.cpu_solver.newton_cg`
+    (``w``, ``mean``, ``std``, ``n_iter``, ``converged`` are filled in place)."""
+    from probes.cpu_solver import newton_cg
+
+    with torch.no_grad():
+        _solve_compiled(newton_cg, x, rows, y, s, lam, w, mean, std, n_iter, converged, val, rank, max_iter, tol, cg_iter, patience)
+
+
+def _solve_compiled(newton_cg, x, rows, y, s, lam, w, mean, std, n_iter, converged, val, rank, max_iter, tol, cg_iter, patience) -> None:
+    from probes.cpu_solver import standardised_design
+
+    p, d = x.shape[0], x.shape[2]
+    n = y.shape[-1]
+    omega = LowRankPreconditioner.test_matrix(d, rank, x.device, x.dtype)
+    # A zero row for the bias column: design @ omega_pad = AΩ for the standardised features A.
+    omega_pad = torch.cat([omega, omega.new_zeros(1, omega.shape[1])])
+    design = torch.empty(n, d + 1, dtype=x.dtype)
+    rows_np = (torch.arange(x.shape[1]) if rows is None else rows).to(torch.int64).numpy()
+    y, s, lam = y.contiguous(), s.contiguous(), lam.contiguous()
+    if val is not None:
+        x_val, y_val, s_val = val
+        val_design = torch.empty(x_val.shape[1], d + 1, dtype=x.dtype)
+        val_rows = torch.arange(x_val.shape[1], dtype=torch.int64).numpy()
+        y_val, s_val = y_val.contiguous(), s_val.contiguous()
+    for q in range(p):
+        sq = s[q, 0]
+        mean_q, std_q = standardised_design(x[q].contiguous().numpy(), rows_np, sq.numpy(), design.numpy())
+        mean[q, 0], std[q, 0] = torch.from_numpy(mean_q), torch.from_numpy(std_q)
+        # Y = AᵀSAΩ (the Nyström sketch of precondition.py) from the standardised design itself.
+        sample = (design.T @ (design @ omega_pad).mul_(sq[:, None]))[:d]
+        low_rank = LowRankPreconditioner.from_sample(sample[None], omega, rank)
+        problem_val = None
+        if val is not None:
+            standardised_design(x_val[q].contiguous().numpy(), val_rows, s_val[q, 0].numpy(), val_design.numpy(), mean_q, std_q)
+            problem_val = (val_design.numpy(), y_val[q].numpy(), s_val[q, 0].numpy())
+        elif q > 0:
+            # Warm start from the previous problem's solution (see fit_logistic's torch path).
+            w[q] = w[q - 1]
+        steps, done = newton_cg(design.numpy(), y[q].numpy(), sq.numpy(), lam.numpy(), w[q].numpy(),
+                                low_rank.basis_t[0].numpy(), low_rank.eigvals[0, 0].numpy(), low_rank.tail[0, 0].numpy(),
+                                problem_val, max_iter, tol, cg_iter, patience)
+        n_iter[q], converged[q] = torch.from_numpy(steps), torch.from_numpy(done)
 
 
 def fit_mass_mean(

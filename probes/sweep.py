@@ -116,10 +116,11 @@ def run_probe(model: Any, task: ProbeTask | str, config: ProbeConfig | None = No
     label_sets = torch.stack([labels, control_labels(task.types(), config.seed), shuffled_labels(labels, config.seed)])
     n_layers = len(layers)
     # The label sets share the features, so they are extra columns of the same solve.
-    x_train, x_val = x[:, split.train.to(device)], x[:, split.val.to(device)]
+    x_val = x[:, split.val.to(device)]
     y_train = repeat(label_sets[:, split.train], "s n -> l s n", l=n_layers).to(device).float()
     y_val = repeat(label_sets[:, split.val], "s n -> l s n", l=n_layers).to(device).float()
-    fit = fit_logistic(x_train, y_train, list(config.l2), l1=config.l1, x_val=x_val, y_val=y_val, early_stopping=config.early_stopping)
+    fit = fit_logistic(x, y_train, list(config.l2), l1=config.l1, x_val=x_val, y_val=y_val, early_stopping=config.early_stopping,
+                       rows=split.train.to(device))
     val_acc = accuracy(fit.scores(x_val), y_val[:, :, None, :])
     # Highest validation accuracy of the task probe; ties go to the stronger penalty.
     n_r = len(config.l2)

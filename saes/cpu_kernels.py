@@ -38,13 +38,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-try:
-    import numba
-except ImportError:  # the torch kernels cover everything without it
-    numba = None
-
-AVAILABLE: bool = numba is not None
-"""Whether Numba imported; without it every caller uses the torch kernels."""
+from interp.compiled import AVAILABLE, FASTMATH, compiled_enabled_for, njit_cached, numba
 
 __all__ = ["AVAILABLE", "enabled_for", "gather_sum", "scatter_rows", "gather_dot", "topk_rows", "topk_supported"]
 
@@ -55,24 +49,11 @@ _MIN_WORK_PER_THREAD = 1 << 18  # multiply-adds (or row entries) below which one
 def enabled_for(t: Tensor) -> bool:
     """Whether ``t`` should use these kernels: a CPU tensor of float32 or float64, Numba imports and
     ``INTERP_NUMBA != "0"``."""
-    return AVAILABLE and t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) and os.environ.get("INTERP_NUMBA", "1") != "0"
-
-
-def _njit(**options):
-    """``numba.njit`` caching compiled code on disk, or in memory only where no cache directory is
-    writable (Numba refuses ``cache=True`` there, at decoration time)."""
-    def decorate(fn):
-        try:
-            return numba.njit(cache=True, **options)(fn)
-        except RuntimeError:
-            return numba.njit(cache=False, **options)(fn)
-    return decorate
+    return compiled_enabled_for(t)
 
 
 if numba is not None:
-    # reassoc/contract let LLVM vectorise the dot products; NaN and Inf keep their IEEE meaning.
-    _FAST = {"reassoc", "contract", "nsz"}
-    _jit = _njit(nogil=True, boundscheck=False, fastmath=_FAST)
+    _jit = njit_cached(nogil=True, boundscheck=False, fastmath=FASTMATH)
 
     @_jit
     def _gather_sum(values, rows, table, out, r0, r1):
@@ -145,7 +126,7 @@ if numba is not None:
             if v > out_v[0]:
                 _sift_down(out_v, out_i, k, 0, v, idx[j])
 
-    @_njit(nogil=True, boundscheck=False)
+    @njit_cached(nogil=True, boundscheck=False)
     def _topk_rows(x, k, out_v, out_i, fallback, r0, r1):
         n = x.shape[1]
         m = n // _GROUPS

@@ -1,4 +1,7 @@
-"""Batched probe fitting vs scikit-learn and hand computations."""
+"""Batched probe fitting vs scikit-learn and hand computations.
+
+Every test runs twice: with the compiled CPU solver (``probes.cpu_solver``, the default) and with
+the torch solver (``INTERP_NUMBA=0``)."""
 
 from __future__ import annotations
 
@@ -12,6 +15,12 @@ from probes.fit import fit_logistic, fit_mass_mean, l2_from_sklearn_c, sklearn_c
 sklearn = pytest.importorskip("sklearn")
 from sklearn.linear_model import LogisticRegression  # noqa: E402
 from sklearn.preprocessing import StandardScaler  # noqa: E402
+
+
+@pytest.fixture(autouse=True, params=["compiled", "torch"])
+def solver(request, monkeypatch):
+    monkeypatch.setenv("INTERP_NUMBA", "1" if request.param == "compiled" else "0")
+    return request.param
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -220,6 +229,7 @@ def test_low_rank_preconditioner_applies_the_nystrom_formula():
 
 
 def test_low_rank_preconditioning_reaches_the_jacobi_solution_in_fewer_passes(monkeypatch):
+    monkeypatch.setenv("INTERP_NUMBA", "0")  # passes are counted on the torch solver's Design
     x = _correlated(p=2, n=300, d=40, rank=5, noise=0.05, seed=10)
     g = torch.Generator().manual_seed(11)
     y = (x[..., :3].sum(-1) - x[..., :3].sum(-1).mean(-1, keepdim=True) + 2 * torch.randn(2, 300, generator=g) > 0).float()
@@ -273,3 +283,46 @@ def test_half_precision_features_fit_like_float32():
     half = fit_logistic(x.bfloat16(), y, [1e-2, 1e-1], max_iter=30)
     agree = ((half.scores(x.bfloat16()).float() > 0) == (single.scores(x) > 0)).float().mean()
     assert half.weight.dtype == torch.bfloat16 and float(agree) >= 0.95
+
+
+def _both_solvers(monkeypatch, *args, **kwargs):
+    fits = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv("INTERP_NUMBA", flag)
+        fits[flag] = fit_logistic(*args, **kwargs)
+    return fits["1"], fits["0"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_compiled_solver_equals_the_torch_solver(monkeypatch, dtype):
+    # Label sets × penalties (6 columns: a full group of 4 and a part group), a mask, warm starts
+    # across 3 problems: the same minimiser on both paths (the Newton step counts may differ: the
+    # torch solver runs CG in lock-step over a chunk of problems, the compiled one per problem).
+    x, y = _problems(p=3, n=200, d=30, seed=14)
+    x = x.to(dtype)
+    mask = torch.ones(3, 200)
+    mask[2, 150:] = 0
+    labels = torch.stack([y, 1 - y, torch.roll(y, 7, -1)], 1)
+    compiled, reference = _both_solvers(monkeypatch, x, labels, [1e-1, 1e-3], mask=mask, tol=1e-6)
+    assert compiled.weight.dtype == dtype and bool(compiled.converged.all()) and bool(reference.converged.all())
+    torch.testing.assert_close(compiled.weight, reference.weight, atol=2e-4, rtol=2e-3)
+    torch.testing.assert_close(compiled.bias, reference.bias, atol=2e-4, rtol=2e-3)
+
+
+def test_compiled_early_stopping_picks_the_torch_solvers_iterate(monkeypatch):
+    g = torch.Generator().manual_seed(15)
+    x = torch.randn(2, 140, 60, generator=g)
+    y = (x[..., 0] + 1.5 * torch.randn(2, 140, generator=g) > 0).float()
+    kwargs = dict(x_val=x[:, 40:], y_val=y[:, 40:], early_stopping=True, patience=2, max_iter=30)
+    compiled, reference = _both_solvers(monkeypatch, x[:, :40], y[:, :40], [1e-1, 1e-2, 1e-4], **kwargs)
+    assert torch.equal(compiled.n_iter, reference.n_iter) and torch.equal(compiled.converged, reference.converged)
+    torch.testing.assert_close(compiled.weight, reference.weight, atol=1e-4, rtol=1e-3)
+
+
+def test_training_rows_by_index_equal_the_gathered_rows():
+    x, y = _problems(p=2, n=260, d=16, seed=16)
+    rows = torch.randperm(260, generator=torch.Generator().manual_seed(0))[:180]
+    by_index = fit_logistic(x, y[:, rows], [1e-2, 1e-4], rows=rows, tol=1e-6)
+    gathered = fit_logistic(x[:, rows], y[:, rows], [1e-2, 1e-4], tol=1e-6)
+    torch.testing.assert_close(by_index.weight, gathered.weight)
+    torch.testing.assert_close(by_index.bias, gathered.bias)

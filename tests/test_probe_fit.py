@@ -286,6 +286,7 @@ def test_half_precision_features_fit_like_float32():
 
 
 def _both_solvers(monkeypatch, *args, **kwargs):
+    """The same fit by the compiled and the torch solver (give ``precond_rank``: their defaults differ)."""
     fits = {}
     for flag in ("1", "0"):
         monkeypatch.setenv("INTERP_NUMBA", flag)
@@ -303,7 +304,7 @@ def test_compiled_solver_equals_the_torch_solver(monkeypatch, dtype):
     mask = torch.ones(3, 200)
     mask[2, 150:] = 0
     labels = torch.stack([y, 1 - y, torch.roll(y, 7, -1)], 1)
-    compiled, reference = _both_solvers(monkeypatch, x, labels, [1e-1, 1e-3], mask=mask, tol=1e-6)
+    compiled, reference = _both_solvers(monkeypatch, x, labels, [1e-1, 1e-3], mask=mask, tol=1e-6, precond_rank=16)
     assert compiled.weight.dtype == dtype and bool(compiled.converged.all()) and bool(reference.converged.all())
     torch.testing.assert_close(compiled.weight, reference.weight, atol=2e-4, rtol=2e-3)
     torch.testing.assert_close(compiled.bias, reference.bias, atol=2e-4, rtol=2e-3)
@@ -313,7 +314,7 @@ def test_compiled_early_stopping_picks_the_torch_solvers_iterate(monkeypatch):
     g = torch.Generator().manual_seed(15)
     x = torch.randn(2, 140, 60, generator=g)
     y = (x[..., 0] + 1.5 * torch.randn(2, 140, generator=g) > 0).float()
-    kwargs = dict(x_val=x[:, 40:], y_val=y[:, 40:], early_stopping=True, patience=2, max_iter=30)
+    kwargs = dict(x_val=x[:, 40:], y_val=y[:, 40:], early_stopping=True, patience=2, max_iter=30, precond_rank=16)
     compiled, reference = _both_solvers(monkeypatch, x[:, :40], y[:, :40], [1e-1, 1e-2, 1e-4], **kwargs)
     assert torch.equal(compiled.n_iter, reference.n_iter) and torch.equal(compiled.converged, reference.converged)
     torch.testing.assert_close(compiled.weight, reference.weight, atol=1e-4, rtol=1e-3)

@@ -15,9 +15,12 @@ for ``penalty="l1"``); dividing by ``C·N`` gives the same minimiser with ``l2 =
 Without L1 the solver is a batched truncated Newton (:func:`probes.solvers.truncated_newton`:
 conjugate gradient on Hessian-vector products, preconditioned by each problem's top feature
 covariance eigenpairs (:mod:`probes.precondition`, one randomised sketch per problem), line search
-on logits tracked by linearity, so a CG step is the only pass over the features); on CPU it runs on
-cache-sized chunks of problems, so that each chunk's CG stops with its own columns, and each
-chunk starts from the previous one's solution (or from zero where that is worse). With L1 it is FISTA (:func:`probes.solvers.fista`).
+on logits tracked by linearity, so a CG step is the only pass over the features). On the CPU
+(float32/float64) the same algorithm runs compiled, one problem at a time while its features are
+in cache (:mod:`probes.cpu_solver`: one fused pass over the rows per Hessian-vector product, no
+per-op dispatch); the torch version (CUDA, half precision, ``INTERP_NUMBA=0``) runs on chunks of
+problems. Each problem starts from the previous one's solution (or from zero where that is
+worse). With L1 it is FISTA (:func:`probes.solvers.fista`).
 Features are standardised on the training rows by default and the weights folded back into the
 raw space, so the penalty acts on standardised weights (as with a ``StandardScaler`` in front of
 scikit-learn).
@@ -224,7 +227,7 @@ def _fit_compiled(x, rows, y, s, lam, w, mean, std, n_iter, converged, val, rank
 
 
 def _solve_compiled(newton_cg, x, rows, y, s, lam, w, mean, std, n_iter, converged, val, rank, max_iter, tol, cg_iter, patience) -> None:
-    from probes.cpu_solver import standardised_design
+    from probes.cpu_passes import standardised_design
 
     p, d = x.shape[0], x.shape[2]
     n = y.shape[-1]

@@ -55,6 +55,15 @@ def _trial(z, zd, t, w, wd, y, s, lam, zbuf, wbuf):
 
 
 @_jit
+def _all_within(v, bound):
+    """``max |v| ≤ bound``, false when ``v`` holds a NaN (``max`` would skip it)."""
+    for j in range(v.shape[0]):
+        if not abs(v[j]) <= bound:
+            return False
+    return True
+
+
+@_jit
 def _dot(a, b):
     total = 0.0
     for j in range(a.shape[0]):
@@ -147,10 +156,7 @@ def _newton_cg(x, y, s, lam, w, basis_t, eigvals, tail, xv, yv, sv, use_val, max
                 for j in range(dd):
                     grad[c, j] = buf_w[q, j] + lam[c, j] * w[c, j]
         for c in on:
-            big = 0.0
-            for j in range(dd):
-                big = max(big, abs(float(grad[c, j])))
-            if big <= tol:  # a NaN gradient never counts as converged
+            if _all_within(grad[c], tol):
                 active[c] = False
         on = np.nonzero(active)[0]
         m = on.shape[0]
@@ -205,10 +211,7 @@ def _newton_cg(x, y, s, lam, w, basis_t, eigvals, tail, xv, yv, sv, use_val, max
                     zdelta[q, i] += alpha * zd[q, i]
                 _precond(r[q], tail_inv[q], coef[q], basis_t, proj, pr[q])
                 rs_new = _dot(r[q], pr[q])
-                big = 0.0
-                for j in range(dd):
-                    big = max(big, abs(float(r[q, j])))
-                if not (rs_new <= tol2[q] or big <= stop):
+                if not (rs_new <= tol2[q] or _all_within(r[q], stop)):
                     done = False
                 beta_cg = rs_new / max(rs[q], 1e-30)
                 for j in range(dd):

@@ -134,6 +134,8 @@ def fit_logistic(
     On the CPU (float32/float64, standardised, no L1, rank > 0) the problems are solved one at a
     time by the compiled solver of :mod:`probes.cpu_solver` (``INTERP_NUMBA=0``: the torch one).
     """
+    if rows is not None:
+        rows = _checked_rows(rows, x.shape[1])
     compiled = compiled_enabled_for(x) and standardize and l1 == 0 and precond_rank != 0
     if precond_rank is None:
         # The compiled solver's CG steps are cheap next to the sketch (rank 16: 80–89 ms against
@@ -150,6 +152,8 @@ def fit_logistic(
     # Row weights of the mean over each problem's training rows.
     s = (m / m.sum(-1, keepdim=True))[:, None, :]
     lam_r = torch.as_tensor(l2, device=x.device, dtype=x.dtype).reshape(-1)
+    if not bool((torch.isfinite(lam_r) & (lam_r >= 0)).all()):
+        raise ValueError(f"l2 penalties must be finite and >= 0, got {lam_r.tolist()}")
     r_count = lam_r.numel()
     c_count = s_count * r_count
     # Columns are (label set, penalty) pairs, penalty fastest.
@@ -207,6 +211,22 @@ def fit_logistic(
     return _folded(w, mean, std, n_iter, converged, (p, s_count, r_count) if sets else (p, r_count))
 
 
+def _checked_rows(rows: Tensor, n: int) -> Tensor:
+    """``rows`` as int64 indices in ``[0, n)`` (a boolean mask becomes its indices; negative ones
+    count from the end, as in torch); anything outside raises ``IndexError``: the compiled passes
+    do not bounds-check."""
+    if rows.dtype == torch.bool:
+        if rows.shape != (n,):
+            raise IndexError(f"a boolean rows mask needs {n} entries, got shape {tuple(rows.shape)}")
+        return rows.nonzero().squeeze(-1)
+    if rows.dim() != 1 or rows.dtype.is_floating_point or rows.is_complex():
+        raise IndexError(f"rows must be a 1-D tensor of integer indices, got {rows.dtype} of shape {tuple(rows.shape)}")
+    rows = rows.long()
+    if rows.numel() and not bool(((rows >= -n) & (rows < n)).all()):
+        raise IndexError(f"rows index out of range for {n} items: min {int(rows.min())}, max {int(rows.max())}")
+    return torch.where(rows < 0, rows + n, rows)
+
+
 def _folded(w: Tensor, mean: Tensor, std: Tensor, n_iter: Tensor, converged: Tensor, shape: tuple[int, ...]) -> LinearFit:
     """The fit in the raw feature space: w·(x-μ)/σ + b = (w/σ)·x + (b - Σ w·μ/σ)."""
     d = mean.shape[-1]
@@ -235,7 +255,7 @@ def _solve_compiled(newton_cg, x, rows, y, s, lam, w, mean, std, n_iter, converg
     # A zero row for the bias column: design @ omega_pad = AΩ for the standardised features A.
     omega_pad = torch.cat([omega, omega.new_zeros(1, omega.shape[1])])
     design = torch.empty(n, d + 1, dtype=x.dtype)
-    rows_np = (torch.arange(x.shape[1]) if rows is None else rows).to(torch.int64).numpy()
+    rows_np = (torch.arange(x.shape[1]) if rows is None else rows).to("cpu", torch.int64).numpy()
     y, s, lam = y.contiguous(), s.contiguous(), lam.contiguous()
     if val is not None:
         x_val, y_val, s_val = val

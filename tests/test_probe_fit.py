@@ -327,3 +327,42 @@ def test_training_rows_by_index_equal_the_gathered_rows():
     gathered = fit_logistic(x[:, rows], y[:, rows], [1e-2, 1e-4], tol=1e-6)
     torch.testing.assert_close(by_index.weight, gathered.weight)
     torch.testing.assert_close(by_index.bias, gathered.bias)
+
+
+def test_features_with_a_large_offset_match_sklearn():
+    # |mean|/std = 1e3 in float32: a one-pass variance (E[x²] - μ²) lost 1e-2 of σ here.
+    g = torch.Generator().manual_seed(7)
+    z = torch.randn(1, 300, 4, generator=g)
+    y = (z[..., 0] + 0.5 * torch.randn(1, 300, generator=g) > 0).float()
+    x = 1000.0 + z
+    fit = fit_logistic(x, y, [1e-2], tol=1e-6)
+    xs = StandardScaler().fit_transform(x[0].double().numpy())
+    ref = LogisticRegression(C=sklearn_c_from_l2(1e-2, 300), solver="newton-cholesky", tol=1e-10).fit(xs, y[0].numpy())
+    np.testing.assert_allclose(fit.scores(x)[0, 0].double().numpy(), ref.decision_function(xs), atol=5e-3)
+
+
+def test_rows_out_of_range_or_not_indices_raise_and_a_mask_selects():
+    x, y = _problems(p=1, n=100, d=4, seed=17)
+    with pytest.raises(IndexError, match="out of range"):
+        fit_logistic(x, y[:, :3], [1e-2], rows=torch.tensor([0, 1, 100]))
+    with pytest.raises(IndexError, match="integer indices"):
+        fit_logistic(x, y[:, :3], [1e-2], rows=torch.tensor([0.0, 1.0, 2.0]))
+    keep = torch.arange(100) % 3 != 0
+    by_mask = fit_logistic(x, y[:, keep], [1e-2], rows=keep, tol=1e-6)
+    by_index = fit_logistic(x, y[:, keep], [1e-2], rows=keep.nonzero().squeeze(-1) - 100, tol=1e-6)  # negative: from the end
+    torch.testing.assert_close(by_mask.weight, by_index.weight)
+
+
+@pytest.mark.parametrize("l2", [float("nan"), float("inf"), -1e-3])
+def test_penalties_must_be_finite_and_non_negative(l2):
+    x, y = _problems(p=1, n=30, d=3, seed=18)
+    with pytest.raises(ValueError, match="finite and >= 0"):
+        fit_logistic(x, y, [1e-2, l2])
+
+
+def test_a_nan_never_passes_the_compiled_stopping_tests():
+    from probes.cpu_solver import _all_within
+
+    assert _all_within(np.array([0.1, -0.2]), 0.5)
+    assert not _all_within(np.array([0.1, np.nan]), 0.5)
+    assert not _all_within(np.array([0.1, 0.7]), 0.5)

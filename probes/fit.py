@@ -236,18 +236,13 @@ def _folded(w: Tensor, mean: Tensor, std: Tensor, n_iter: Tensor, converged: Ten
                      n_iter=n_iter.reshape(shape), converged=converged.reshape(shape))
 
 
+@torch.no_grad()
 def _fit_compiled(x, rows, y, s, lam, w, mean, std, n_iter, converged, val, rank, max_iter, tol, cg_iter, patience) -> None:
     """One problem at a time, while its features are in cache: gather its training rows,
     standardise, sketch the preconditioner, solve with :func:`probes.cpu_solver.newton_cg`
     (``w``, ``mean``, ``std``, ``n_iter``, ``converged`` are filled in place)."""
-    from probes.cpu_solver import newton_cg
-
-    with torch.no_grad():
-        _solve_compiled(newton_cg, x, rows, y, s, lam, w, mean, std, n_iter, converged, val, rank, max_iter, tol, cg_iter, patience)
-
-
-def _solve_compiled(newton_cg, x, rows, y, s, lam, w, mean, std, n_iter, converged, val, rank, max_iter, tol, cg_iter, patience) -> None:
     from probes.cpu_passes import standardised_design
+    from probes.cpu_solver import newton_cg
 
     p, d = x.shape[0], x.shape[2]
     n = y.shape[-1]

@@ -22,7 +22,7 @@ sae-lens's TopK has no decoder-gradient projection or renormalization: by defaul
 ``--sparse-activations`` (sae-lens's COO decode) also turns that rescaling off: on torch 2.13 CPU the
 two together fail in backward (``aten::view`` has no SparseCPU kernel).
 
-Never asserts a time: figures go to ``benchmarks/results/saelens.md`` by hand.
+Never asserts a time: figures go to ``benchmarks/RESULTS.md`` (the sae-lens section) by hand.
 """
 
 from __future__ import annotations

@@ -210,10 +210,11 @@ def load(path: str | os.PathLike, device: str | torch.device | None = None, hook
 
 def from_pretrained(repo_id: str, subfolder: str = "", device: str | torch.device | None = None, hook_name: str | None = None) -> TopKSAE:
     """Download (or reuse from the HF cache) ``repo_id[/subfolder]`` and :func:`load` it; needs network once."""
+    subfolder = subfolder.strip("/")
     try:
         from huggingface_hub import snapshot_download
 
-        root = snapshot_download(repo_id, allow_patterns=[f"{subfolder.strip('/')}/*" if subfolder else "*"])
+        root = snapshot_download(repo_id, allow_patterns=[f"{subfolder}/*" if subfolder else "*"])
     except Exception as err:  # hub errors have many types (offline, 404, auth); all mean "cannot fetch"
         raise UserError(f"cannot fetch SAE {repo_id}{'/' + subfolder if subfolder else ''} from the Hugging Face hub ({type(err).__name__}); check the name and network, or pass a local directory") from err
     return load(Path(root) / subfolder if subfolder else root, device=device, hook_name=hook_name)

@@ -9,6 +9,7 @@ as if the run had never stopped.
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -61,7 +62,7 @@ class MetricsLog:
 
 
 class _Bar:
-    """A rich progress bar, or a silent stand-in when disabled."""
+    """A rich progress bar, or a stand-in when disabled that still prints :meth:`log` lines."""
 
     def __init__(self, progress: Progress | None, task: int | None):
         self.progress, self.task = progress, task
@@ -77,9 +78,11 @@ class _Bar:
             self.progress.update(self.task, status=text)
 
     def log(self, text: str) -> None:
-        """Print a line above the bar."""
+        """Print a line above the bar (on stderr without one; only the writing rank logs, see :class:`MetricsLog`)."""
         if self.progress is not None:
             self.progress.console.print(text)
+        else:
+            print(text, file=sys.stderr, flush=True)
 
 
 @contextmanager

@@ -201,3 +201,43 @@ def test_from_pretrained_offline_is_user_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(UserError, match="cannot fetch SAE"):
         saes.from_pretrained("no-such-user/no-such-sae-repo", subfolder="layers.3")
+
+
+def test_from_pretrained_loads_the_fetched_subfolder(monkeypatch, tmp_path):
+    """The online path without a network: ``snapshot_download`` stands in for the hub and returns a local snapshot."""
+    import huggingface_hub
+
+    sae = _random_sae()
+    sae.save(tmp_path / "snapshot" / "layers.3")
+    calls = []
+
+    def fake_snapshot_download(repo_id, allow_patterns=None, **kw):
+        calls.append((repo_id, allow_patterns))
+        return str(tmp_path / "snapshot")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    got = saes.from_pretrained("someone/some-saes", subfolder="/layers.3/")
+    assert calls == [("someone/some-saes", ["layers.3/*"])]
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        assert torch.equal(getattr(got, name), getattr(sae, name)), name
+    assert (got.k, got.hook_name) == (sae.k, sae.hook_name)
+
+
+def test_from_stack_folds_scale_into_weights_and_threshold():
+    """A member saved from training units (inputs multiplied by c) encodes raw inputs to the training activations / c."""
+    from saes.step import StackParams
+
+    S, d, n, c, threshold = 2, 6, 10, 0.25, 0.7
+    params = StackParams(S, d, n)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in params.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    x = torch.randn(5, d, generator=g) * 4
+    sae = TopKSAE.from_stack(params, 1, 3, activation_scale=c, threshold=threshold)
+    W_enc, b_enc, W_dec, b_dec = (p.detach()[1] for p in (params.W_enc, params.b_enc, params.W_dec, params.b_dec))
+    pre = (c * x - b_dec) @ W_enc + b_enc  # training units
+    want = pre * (pre > threshold) / c
+    assert sae.threshold == pytest.approx(threshold / c)
+    torch.testing.assert_close(sae.encode(x), want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(sae.decode(want), ((want * c) @ W_dec + b_dec) / c, atol=1e-5, rtol=1e-5)

@@ -329,3 +329,25 @@ def test_variance_from_centered_inputs_is_accurate_in_float32(offset):
     exact = (x - x.mean(1, keepdim=True)).pow(2).sum((1, 2))
     got = _centered_sum_sq(x.float()).double()
     assert torch.allclose(got, exact, rtol=1e-4 if offset else 1e-6)
+
+
+def test_auxk_is_on_by_default_with_k_aux_half_d_in_and_coefficient_one_32nd():
+    """The trainer's defaults reach the step: AuxK on, ``k_aux = d_in // 2``, ``aux_coef = 1/32`` (the dense reference spells them out)."""
+    from types import SimpleNamespace
+
+    from saes.config import TrainConfig
+    from saes.stacking import make_step_config
+
+    S, B, d, n = 1, 24, 8, 40
+    cfg = make_step_config(TrainConfig(hooks=["h"], settings=[(n, 4)], dead_tokens_threshold=100), 4)
+    params = _stack(S, d, n, seed=9)
+    x = torch.randn(S, B, d, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    state = init_state(S, n)
+    state.tokens_since_fired[:, :30] = 1000  # 30 dead latents: more than d // 2 = 4 of them can be used
+    loss, metrics, _ = sae_step_loss(params, state, x, cfg)
+    explicit = SimpleNamespace(k=4, batch_topk=False, auxk=True, k_aux=d // 2, aux_coef=1 / 32)
+    ref_loss, fvu, auxk, _ = _dense_loss(list(params.parameters()), x, explicit, state.tokens_since_fired >= 100)
+    assert float(auxk) > 0
+    assert torch.allclose(metrics["auxk_loss"], auxk) and torch.allclose(loss, ref_loss, atol=1e-12)
+    other = SimpleNamespace(**{**vars(explicit), "k_aux": d // 2 + 2})  # the reference can tell k_aux apart here
+    assert not torch.allclose(_dense_loss(list(params.parameters()), x, other, state.tokens_since_fired >= 100)[2], auxk)

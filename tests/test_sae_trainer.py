@@ -175,7 +175,7 @@ def test_stacked_saes_equal_each_trained_alone(store, tmp_path):
             _assert_same(_weights({name: together[name]}), _weights(alone), atol=1e-5)
 
 
-def test_metrics_saved_saes_and_epoch_rollover(store, tmp_path):
+def test_metrics_saved_saes_and_epoch_rollover(store, tmp_path, capsys):
     cfg = _cfg(n_tokens=3 * ROWS, batch_size=128, checkpoint_every=0, log_every=4)
     saes = train(store, cfg, tmp_path)
     rows = read_metrics(tmp_path / "metrics.jsonl")
@@ -183,6 +183,14 @@ def test_metrics_saved_saes_and_epoch_rollover(store, tmp_path):
     assert all(fields <= set(r) for r in rows)
     assert [r["step"] for r in rows] == [4, 8, 12, 16, 20, 24]
     assert [r["epoch"] for r in rows] == [0, 0, 1, 1, 2, 2]  # 8 batches of 128 per 1,024-row epoch
+    # each rollover is said once, even without a progress bar
+    err = capsys.readouterr().err
+    assert [line for line in err.splitlines() if "starting epoch" in line] == [
+        f"data: starting epoch {e} (the activations were all seen; rows reshuffled)" for e in (2, 3)]
+    # the logged lr is the schedule's at the step just taken, from the default lr of 32 latents
+    assert [r["lr"] for r in rows] == pytest.approx([default_lr(32) * cfg.lr_factor(r["step"] - 1) for r in rows])
+    assert rows[-1]["lr"] < rows[0]["lr"] and all(r["samples_per_s"] > 0 for r in rows)
+    torch.testing.assert_close(saes[sae_name(HOOKS[0], 32, 4)].W_dec.norm(dim=-1), torch.ones(32))  # unit decoder rows
     assert all(0 < r["l0"] <= 4 for r in rows)
     assert rows[-1]["fvu"] < rows[0]["fvu"]
     assert (tmp_path / "config.toml").read_text().startswith("[train]")
@@ -243,6 +251,38 @@ def test_nan_activations_are_a_user_error(tmp_path):
     store = ActivationStore.from_tensors(tmp_path / "nan", {"h": x})
     with pytest.raises(UserError, match="NaN"):
         train(store, _cfg(hooks=["h"]), tmp_path / "run")
+
+
+def test_nan_in_a_later_batch_stops_with_a_user_error_and_keeps_checkpoints(tmp_path):
+    """A bad row past the initialisation sample reaches the per-batch check; the checkpoints written before it stay valid."""
+    x = torch.randn(1024, D_IN)
+    x[900, 5] = math.inf
+    store = ActivationStore.from_tensors(tmp_path / "inf", {"h": x})
+    cfg = _cfg(hooks=["h"], n_tokens=3 * 1024, batch_size=64, checkpoint_every=2, init_sample_rows=256)
+    with pytest.raises(UserError, match="NaN or Inf"):
+        train(store, cfg, tmp_path / "run")
+    from saes import checkpoint as ckpt
+
+    found = ckpt.latest(tmp_path / "run", cfg.fingerprint())
+    assert found is not None and found.step >= 2
+    assert not (tmp_path / "run" / sae_name("h", 32, 4)).exists()
+
+
+def test_batch_topk_saved_threshold_gives_about_k_latents_on_raw_activations(store, tmp_path):
+    """The BatchTopK threshold is folded with the input scale: the saved SAE keeps about k latents per raw row."""
+    cfg = _cfg(n_tokens=2 * ROWS, batch_size=128, checkpoint_every=0, batch_topk=True, settings=[(64, 4)])
+    sae = train(store, cfg, tmp_path)[sae_name(HOOKS[0], 64, 4)]
+    saved = json.loads((tmp_path / sae_name(HOOKS[0], 64, 4) / "cfg.json").read_text())
+    assert saved["threshold"] == pytest.approx(sae.threshold) and saved["normalize_activations"] == "none"
+    with torch.no_grad():
+        l0 = (sae.encode(store.read(HOOKS[0], 0, ROWS)) > 0).sum(-1).float().mean()
+    assert 2 <= float(l0) <= 8, float(l0)  # an unfolded threshold (off by the scale, ~1/3 here) keeps several times more
+
+
+def test_progress_bar_shows_steps_and_status(store, tmp_path, capsys):
+    train(store, _cfg(checkpoint_every=0, progress=True), tmp_path)
+    err = capsys.readouterr().err
+    assert "train-sae" in err and "12/12" in err and "fvu " in err, err
 
 
 def _cli(*args: str):

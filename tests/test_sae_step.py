@@ -351,3 +351,21 @@ def test_auxk_is_on_by_default_with_k_aux_half_d_in_and_coefficient_one_32nd():
     assert torch.allclose(metrics["auxk_loss"], auxk) and torch.allclose(loss, ref_loss, atol=1e-12)
     other = SimpleNamespace(**{**vars(explicit), "k_aux": d // 2 + 2})  # the reference can tell k_aux apart here
     assert not torch.allclose(_dense_loss(list(params.parameters()), x, other, state.tokens_since_fired >= 100)[2], auxk)
+
+
+def test_batch_topk_default_candidate_cap_equals_the_exact_rule_when_no_token_needs_more():
+    """BatchTopK pre-selects ``4 k`` candidates per token: where the exact top ``k B`` gives no token more, nothing changes."""
+    S, B, d, n, k = 2, 32, 8, 60, 3
+    params = _stack(S, d, n, seed=6)
+    x = torch.randn(S, B, d, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    capped = StepConfig(k=k, batch_topk=True, auxk=False)  # max_k_per_token None: 4 k
+    exact = StepConfig(k=k, batch_topk=True, auxk=False, max_k_per_token=n)
+    ref = [p.detach().clone().requires_grad_() for p in params.parameters()]
+    _, _, _, f = _dense_loss(ref, x, exact, torch.zeros(S, n, dtype=torch.bool))
+    assert int((f > 0).sum(-1).max()) <= 4 * k < n  # the premise: the cap does not bind on this batch
+    out = {}
+    for name, cfg in (("capped", capped), ("exact", exact)):
+        loss, metrics, state = sae_step_loss(params, init_state(S, n), x, cfg)
+        out[name] = [loss, metrics["l0"], state.threshold, *torch.autograd.grad(loss, list(params.parameters()))]
+    for a, b in zip(out["capped"], out["exact"]):
+        assert torch.allclose(a, b, atol=1e-12)

@@ -2,7 +2,8 @@
 
     python benchmarks/cuda_parts.py --d-in 768 --latents 32768 --batch 4096
 
-Parts: the bf16 encoder GEMM (the roofline), ``torch.topk`` vs the Triton top-k, the sparse
+Parts: the bf16 encoder GEMM (the roofline), ``torch.topk`` vs the Triton top-ks (filter and lane
+groups), the sparse backward unfused vs fused (:func:`saes.triton_kernels.latent_backward`), the sparse
 weight-gradient scatter (torch sparse, Triton atomics, Triton sorted segments) and gather-dot,
 the fused Adam update of all weights, and the decoder constraint + renormalization (Triton vs
 torch). Each part's result is checked against the plain version before it is timed. Never asserts
@@ -21,7 +22,13 @@ from saes import kernels, triton_kernels
 from saes.step import StackParams, constrain_decoder_grad, normalize_decoder
 
 
+SMOKE = False  # --smoke: one untimed call of each part on the CPU (Triton's interpreter), to check the script before device time
+
+
 def ms(fn) -> float:
+    if SMOKE:
+        fn()
+        return float("nan")
     return do_bench(fn, warmup=25, rep=200, return_mode="median")
 
 
@@ -31,8 +38,13 @@ def main() -> None:
     parser.add_argument("--latents", type=int, default=32768)
     parser.add_argument("--batch", type=int, default=4096)
     parser.add_argument("--k", type=int, default=32)
+    parser.add_argument("--smoke", action="store_true", help="CPU under TRITON_INTERPRET=1 at small sizes: checks only, no timings")
     args = parser.parse_args()
-    d, n, B, k, dev = args.d_in, args.latents, args.batch, args.k, torch.device("cuda")
+    global SMOKE
+    SMOKE = args.smoke
+    if SMOKE and os.environ.get("TRITON_INTERPRET") != "1":
+        parser.error("--smoke needs TRITON_INTERPRET=1 in the environment")
+    d, n, B, k, dev = args.d_in, args.latents, args.batch, args.k, torch.device("cpu" if SMOKE else "cuda")
     torch.manual_seed(0)
     rows = []
     x = torch.randn(1, B, d, device=dev, dtype=torch.bfloat16)
@@ -45,7 +57,10 @@ def main() -> None:
     rows.append(("topk torch", ms(lambda: pre.topk(k, dim=-1, sorted=False)), ""))
     got = triton_kernels.topk_rows(pre, k)
     same = torch.equal(got[0].float().sort(-1).values, ref[0].float().sort(-1).values)
-    rows.append(("topk triton (filter + radix)", ms(lambda: triton_kernels.topk_rows(pre, k)), f"values equal torch.topk: {same}"))
+    rows.append(("topk triton (filter + radix)", ms(lambda: triton_kernels.topk_rows(pre, k, method="filter")), f"values equal torch.topk: {same}"))
+    got = triton_kernels.topk_rows(pre, k, method="lanes")
+    same = torch.equal(got[0].float().sort(-1).values, ref[0].float().sort(-1).values)
+    rows.append(("topk triton (lane groups)", ms(lambda: triton_kernels.topk_rows(pre, k, method="lanes")), f"values equal torch.topk: {same}"))
     idx = ref[1].contiguous()
     coef = torch.randn(1, B, k, device=dev)
     dense = torch.randn(1, B, d, device=dev)
@@ -64,6 +79,22 @@ def main() -> None:
     rows.append(("gather_dot triton", ms(lambda: triton_kernels.gather_dot(dense, table, idx)), ""))
     rows.append(("decode triton", ms(lambda: triton_kernels.sparse_decode(coef, idx, table)), ""))
 
+    # The sparse backward of one step: unfused (gather-dot, two scatters as scatter_rows picks them, the bias sum) vs one pass over latents.
+    act = coef.relu()
+    xc = torch.randn(1, B, d, device=dev)
+    flat_idx = idx.reshape(-1)
+
+    def unfused():
+        dpre = triton_kernels.gather_dot(dense, table, idx) * (act > 0)
+        return (triton_kernels.scatter_rows(act, idx, dense, n), triton_kernels.scatter_rows(dpre, idx, xc, n),
+                torch.zeros(n, device=dev).index_add_(0, flat_idx, dpre.reshape(-1)))
+
+    want = unfused()
+    got = triton_kernels.latent_backward(act, idx, dense, xc, table)
+    errs = ", ".join(f"{float((a.reshape(b.shape) - b).norm() / b.norm()):.1e}" for a, b in zip(got, want))
+    rows.append(("backward unfused (4 kernels)", ms(unfused), ""))
+    rows.append(("backward fused (latent pass)", ms(lambda: triton_kernels.latent_backward(act, idx, dense, xc, table)), f"rel diff {errs}"))
+
     params = StackParams(1, d, n, device=dev)
     with torch.no_grad():
         params.W_dec.copy_(torch.nn.functional.normalize(torch.randn(1, n, d, device=dev), dim=-1))
@@ -76,7 +107,7 @@ def main() -> None:
     rows.append(("decoder constrain + normalize", ms(lambda: (constrain_decoder_grad(params), normalize_decoder(params))), "torch"))
     os.environ.pop("INTERP_TRITON")
 
-    print(f"\n{torch.cuda.get_device_name()}: d_in {d}, n {n}, batch {B}, k {k}")
+    print(f"\n{'smoke run (CPU, interpreter)' if SMOKE else torch.cuda.get_device_name()}: d_in {d}, n {n}, batch {B}, k {k}")
     for name, t, note in rows:
         print(f"  {name:32s} {t * 1000:9.1f} us  {note}")
 

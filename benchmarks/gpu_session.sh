@@ -3,7 +3,11 @@
 #
 #   (here)  python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 ... -d .whl <pure-python deps>
 #           mkdir -p .tok/interp-cache/tokenizers && cp -r ~/.cache/interp/tokenizers/smollm2-135m .tok/interp-cache/tokenizers/
-#   (there) bash benchmarks/gpu_session.sh [tests|bench|all] [extra benchmark args]
+#   (there) bash benchmarks/gpu_session.sh [tests|bench|all|next] [extra benchmark args]
+#
+# next: the opt-in kernels prepared blind (INTERP_TRITON_TOPK=lanes, INTERP_TRITON_FUSED=1): their
+#       CUDA tests, their parts at batch 4096 and 65536, and the 768 x 32k step at batch 65536 with
+#       each switch on and off (about 6 min). Flip the defaults only on what this measures.
 #
 # The machine's image has torch + Triton but not transformer-lens and a few pure-Python deps; the
 # project itself runs from the checkout (PYTHONPATH). Logs go to $OUT when set.
@@ -33,5 +37,17 @@ if [[ $what == bench || $what == all ]]; then
   # eai-sparsify's default step: 32 sequences x 2048 tokens
   python3 benchmarks/sae_train.py $big --batch 65536 --steps 5 --warmup 2 "$@" 2>&1 | tee "$OUT/bench_768_b64k.log"
   python3 benchmarks/sae_train.py --device cuda --latents 4096 16384 --steps 30 --warmup 3 "$@" 2>&1 | tee "$OUT/bench_576.log"
+fi
+if [[ $what == next ]]; then
+  python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py -k "lane_group or latent_backward or fused_cuda_step" 2>&1 | tee "$OUT/next_tests.log"
+  rc=${PIPESTATUS[0]}
+  for b in 4096 65536; do
+    python3 benchmarks/cuda_parts.py --d-in 768 --latents 32768 --batch $b 2>&1 | tee "$OUT/next_parts_$b.log"
+  done
+  big="--device cuda --d-in 768 --latents 32768 --batch 65536 --steps 5 --warmup 2"
+  python3 benchmarks/sae_train.py $big --skip dense "$@" 2>&1 | tee "$OUT/next_base.log"
+  for v in INTERP_TRITON_TOPK=lanes INTERP_TRITON_FUSED=1 "INTERP_TRITON_TOPK=lanes INTERP_TRITON_FUSED=1"; do
+    echo "== $v"; env $v python3 benchmarks/sae_train.py $big --skip dense sparsify "$@" 2>&1 | tail -2
+  done 2>&1 | tee "$OUT/next_variants.log"
 fi
 exit $rc

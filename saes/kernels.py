@@ -26,7 +26,9 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 
-__all__ = ["sparse_decode", "select_pre_acts", "encode_topk", "topk", "dense_pre_acts", "scatter_rows", "gather_dot", "squared_error"]
+__all__ = [
+    "sparse_decode", "select_pre_acts", "encode_topk", "fused_decode_for", "topk", "dense_pre_acts", "scatter_rows", "gather_dot", "squared_error",
+]
 
 
 def _triton_for(t: Tensor):
@@ -291,14 +293,27 @@ def dense_pre_acts(
 
 def encode_topk(
     x: Float[Tensor, "S B d"], W_enc: Float[Tensor, "S d n"], b_enc: Float[Tensor, "S n"], b_dec: Float[Tensor, "S d"], k: int,
-    out: Float[Tensor, "S B n"] | None = None, x_centered: Float[Tensor, "S B d"] | None = None,
+    out: Float[Tensor, "S B n"] | None = None, x_centered: Float[Tensor, "S B d"] | None = None, attach: bool = True,
 ) -> tuple[Float[Tensor, "S B k"], Int[Tensor, "S B k"], Float[Tensor, "S B n"]]:
     """TopK encoder: ``(ReLU of the k largest pre-activations, their indices, all pre-activations)``.
 
-    Only the returned values carry gradient (sparse backward); the dense pre-activations are
-    returned without gradient for AuxK's selection (in ``out`` on CPU when given).
+    Only the returned values carry gradient (sparse backward; ``attach=False``: none, for
+    :func:`fused_decode_for`'s decoder, which takes the encoder's gradient itself); the dense
+    pre-activations are returned without gradient for AuxK's selection (in ``out`` on CPU when given).
     """
     pre = dense_pre_acts(x, W_enc, b_enc, b_dec, out=out, x_centered=x_centered)
     top, indices = topk(pre, k)
+    if not attach:
+        return top.to(W_enc.dtype).relu(), indices, pre
     values = select_pre_acts(top.to(W_enc.dtype), indices, x, W_enc, b_enc, b_dec, x_centered)
     return values.relu(), indices, pre
+
+
+def fused_decode_for(x: Tensor):
+    """:mod:`saes.triton_kernels` when ``x`` takes the Triton path and ``INTERP_TRITON_FUSED=1``, else None.
+
+    Its ``decode_selected`` then replaces ``sparse_decode(select_pre_acts(...))``: one kernel for
+    the whole sparse backward (:func:`saes.triton_kernels.latent_backward`).
+    """
+    tk = _triton_for(x)
+    return tk if tk is not None and tk.fused_backward_enabled() else None

@@ -24,7 +24,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from interp.errors import UserError
-from saes.kernels import _triton_for, dense_pre_acts, encode_topk, select_pre_acts, sparse_decode, squared_error, topk
+from saes.kernels import _triton_for, dense_pre_acts, encode_topk, fused_decode_for, select_pre_acts, sparse_decode, squared_error, topk
 
 __all__ = [
     "DEFAULT_ENC_INIT_SCALE", "StackParams", "StepState", "StepConfig", "init_stack", "check_finite", "init_state", "sae_step_loss",
@@ -217,11 +217,11 @@ def _pre_buffer(params: StackParams, x: Tensor) -> Tensor | None:
     return None if x.is_cuda else params.scratch((*x.shape[:2], params.n_latents), params.W_enc.dtype, x.device)
 
 
-def _batch_topk(params: StackParams, x: Tensor, xc: Tensor, cfg: StepConfig) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _batch_topk(params: StackParams, x: Tensor, xc: Tensor, cfg: StepConfig, attach: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Top ``k * B`` pre-activations over the batch, from the best ``max_k_per_token`` per token.
 
     Returns ``(values [S,B,c], indices [S,B,c], pre [S,B,n], smallest kept activation [S])``;
-    unkept candidates have value 0.
+    unkept candidates have value 0. ``attach=False``: the values carry no gradient (the fused decoder's case).
     """
     n, (S, B, _) = params.n_latents, x.shape
     pre = dense_pre_acts(x, params.W_enc, params.b_enc, params.b_dec, out=_pre_buffer(params, x), x_centered=xc)
@@ -234,6 +234,8 @@ def _batch_topk(params: StackParams, x: Tensor, xc: Tensor, cfg: StepConfig) -> 
     kth = flat.kthvalue(flat.shape[1] - keep_n + 1, dim=1).values
     keep = (top >= kth.view(S, 1, 1)) & (top > 0)
     smallest = torch.where(keep, top, torch.full_like(top, math.inf)).amin(dim=(1, 2))
+    if not attach:
+        return top * keep, indices, pre, smallest
     values = select_pre_acts(top, indices, x, params.W_enc, params.b_enc, params.b_dec, xc) * keep
     return values, indices, pre, smallest
 
@@ -284,18 +286,24 @@ def sae_step_loss(
     n = params.n_latents
     threshold = state.threshold
     xc = x - params.b_dec.detach().unsqueeze(1)  # one pass shared by the encoder backward, the FVU and its variance
+    fused = fused_decode_for(x)  # CUDA with INTERP_TRITON_FUSED=1: one kernel for the sparse backward
     if cfg.batch_topk:
-        values, indices, pre, smallest = _batch_topk(params, x, xc, cfg)
+        values, indices, pre, smallest = _batch_topk(params, x, xc, cfg, attach=fused is None)
         smallest = torch.where(torch.isfinite(smallest), smallest, threshold)
         first = torch.isnan(threshold)
         threshold = torch.where(first, smallest, threshold + cfg.threshold_momentum * (smallest - threshold))
     else:
-        values, indices, pre = encode_topk(x, params.W_enc, params.b_enc, params.b_dec, cfg.k, out=_pre_buffer(params, x), x_centered=xc)
+        values, indices, pre = encode_topk(x, params.W_enc, params.b_enc, params.b_dec, cfg.k, out=_pre_buffer(params, x), x_centered=xc,
+                                           attach=fused is None)
     if total_variance is None:
         total_variance = _centered_sum_sq(xc)
     assert total_variance.shape == (S,), f"total_variance must be [S]={S}, got {tuple(total_variance.shape)}"
     total_variance = total_variance.to(x.dtype).clamp_min(1e-12)
-    sq_error, diff = squared_error(sparse_decode(values, indices, params.W_dec), xc, params.b_dec)  # diff = x_hat - x
+    if fused is not None:
+        decoded = fused.decode_selected(values, indices, xc, params.W_enc, params.b_enc, params.b_dec, params.W_dec)
+    else:
+        decoded = sparse_decode(values, indices, params.W_dec)
+    sq_error, diff = squared_error(decoded, xc, params.b_dec)  # diff = x_hat - x
     fvu = sq_error / total_variance
 
     dead = state.tokens_since_fired >= cfg.dead_tokens_threshold

@@ -102,6 +102,61 @@ def test_bf16_step_gradients_match_float64_dense_reference():
         assert _rel(got, want) < 2e-2, (name, _rel(got, want))
 
 
+@pytest.mark.parametrize("R,n,k", [(257, 32768, 32), (64, 65536, 64), (100, 4097, 16), (9, 300, 7)])
+def test_compiled_lane_group_topk_equals_torch_topk(R, n, k, monkeypatch):
+    from saes import kernels, triton_kernels
+
+    gen = torch.Generator().manual_seed(R + n)
+    x = torch.randn(R, n, generator=gen).to(CUDA, torch.bfloat16)
+    x[0, : n // 2] = 0.25  # ties at the k-th value
+    x[1] = x[1].round()  # few distinct values, signed zeros
+    values, indices = triton_kernels.topk_rows(x, k, method="lanes")
+    want = x.float().topk(k, dim=-1).values.sort(-1).values
+    assert torch.equal(values.float().sort(-1).values, want)
+    assert torch.equal(x.gather(-1, indices), values)
+    assert torch.equal(indices.sort(-1).values.diff(dim=-1).clamp(max=1), torch.ones(R, k - 1, dtype=torch.int64, device=CUDA))  # distinct
+    monkeypatch.setenv("INTERP_TRITON_TOPK", "lanes")  # the dispatcher's route
+    assert torch.equal(kernels.topk(x, k)[0].float().sort(-1).values, want)
+
+
+@pytest.mark.parametrize("S,B,d,n,k,chunk", [(1, 4096, 768, 2048, 32, None), (2, 300, 100, 64, 16, 7)])
+def test_compiled_latent_backward_matches_float64_reference(S, B, d, n, k, chunk):
+    """The fused backward (gather-dot, both weight-gradient scatters, the bias sum) vs dense float64 einsums."""
+    from saes import triton_kernels
+
+    gen = torch.Generator().manual_seed(B + n)
+    idx = _indices(S, B, n, k, gen)
+    values, W_dec, grad, xc = (torch.randn(shape, generator=gen, dtype=torch.float64) for shape in [(S, B, k), (S, n, d), (S, B, d), (S, B, d)])
+    values = values.relu()
+    on = [t.float().to(CUDA) for t in (values, grad, xc, W_dec)]
+    got = triton_kernels.latent_backward(on[0], idx.to(CUDA), on[1], on[2], on[3], chunk=chunk)
+    f = torch.zeros(S, B, n, dtype=torch.float64).scatter(-1, idx, values)
+    dpre = torch.einsum("sbd,snd->sbn", grad, W_dec).gather(-1, idx) * (values > 0)
+    g = torch.zeros(S, B, n, dtype=torch.float64).scatter(-1, idx, dpre)
+    for label, a, want in zip(["W_dec", "W_enc", "b_enc"], got, [torch.einsum("sbn,sbd->snd", f, grad), torch.einsum("sbn,sbd->snd", g, xc), g.sum(1)]):
+        assert torch.isfinite(a).all(), label
+        assert _rel(a, want) < 1e-5, (label, _rel(a, want))
+
+
+@pytest.mark.parametrize("batch_topk", [False, True])
+def test_fused_cuda_step_equals_the_unfused_cuda_step(batch_topk, monkeypatch):
+    from saes.step import StepConfig, init_stack, init_state, sae_step_loss
+
+    cfg = StepConfig(k=16, k_aux=32, dead_tokens_threshold=1000, batch_topk=batch_topk)
+    x = torch.randn(2, 2048, 128, generator=torch.Generator().manual_seed(4)).to(CUDA) + 1.0
+    out = {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv("INTERP_TRITON_FUSED", flag)
+        params = init_stack(2, 128, 4096, sample=x, seed=2, device=CUDA)
+        state = init_state(2, 4096, device=CUDA)
+        state.tokens_since_fired[:, :500] = 5000  # AuxK on
+        loss, metrics, _ = sae_step_loss(params, state, x, cfg)
+        out[flag] = [loss.detach(), metrics["fvu"], metrics["auxk_loss"], *torch.autograd.grad(loss, list(params.parameters()))]
+    assert float(out["1"][2].min()) > 0
+    for a, b in zip(out["1"], out["0"]):
+        assert _rel(a, b) < 1e-5
+
+
 @pytest.mark.parametrize("R,n,k", [(257, 32768, 32), (64, 4096, 128), (33, 1000, 999)])
 def test_compiled_radix_select_topk_equals_torch_topk(R, n, k):
     from saes import kernels, triton_kernels

@@ -47,11 +47,53 @@ def test_kernels_py_routes_a_full_sae_step_through_triton(interpreted_errors):
     assert not failed, failed
 
 
-def test_radix_select_topk_matches_torch_topk(interpreted_errors):
-    checks = {name: v for name, v in interpreted_errors.items() if name.startswith("topk/")}
-    assert len(checks) == 15, sorted(checks)
+@pytest.mark.parametrize("prefix, count", [
+    ("topk/", 15),  # radix-select / filter top-k vs torch.topk
+    ("lanes/", 15),  # lane-group top-k vs torch.topk
+    ("latent/", 12),  # fused latent backward vs the torch kernels
+    ("fused_step/", 22),  # the fused step (with AuxK) vs the unfused step
+])
+def test_interpreted_checks_pass(interpreted_errors, prefix, count):
+    checks = {name: v for name, v in interpreted_errors.items() if name.startswith(prefix)}
+    assert len(checks) == count, sorted(checks)
     failed = {name: v for name, v in checks.items() if not v[0] <= v[1]}
     assert not failed, failed
+
+
+def test_lane_groups_apply_only_where_the_row_has_4k_groups():
+    from saes import triton_kernels
+
+    assert triton_kernels._lane_groups(32768, 32) == (1024, 32, 32)
+    assert triton_kernels._lane_groups(65536, 32) == (2048, 32, 32)
+    assert triton_kernels._lane_groups(5000, 32) == (1024, 8, 32)
+    assert triton_kernels._lane_groups(100, 32) is None  # 64 groups < 4 x 32
+    assert triton_kernels._lane_groups(70000, 8) is None  # indices packed in 16 bits
+    assert triton_kernels._lane_groups(32768, 65) is None
+
+
+def test_topk_method_switch(monkeypatch):
+    from saes import triton_kernels
+
+    assert triton_kernels.topk_method() == "filter"
+    monkeypatch.setenv("INTERP_TRITON_TOPK", "lanes")
+    assert triton_kernels.topk_method() == "lanes"
+    monkeypatch.setenv("INTERP_TRITON_TOPK", "radix")
+    with pytest.raises(ValueError, match="INTERP_TRITON_TOPK"):
+        triton_kernels.topk_method()
+    with pytest.raises(ValueError, match="method must be"):
+        triton_kernels.topk_rows(torch.zeros(2, 64, dtype=torch.bfloat16), 4, method="lane")
+
+
+def test_fused_decode_only_on_the_triton_path_and_when_asked(monkeypatch):
+    from saes import kernels, triton_kernels
+
+    x = torch.zeros(1, 2, 3)
+    assert kernels.fused_decode_for(x) is None  # CPU
+    monkeypatch.setattr(kernels, "_triton_for", lambda t: triton_kernels)
+    monkeypatch.delenv("INTERP_TRITON_FUSED", raising=False)
+    assert kernels.fused_decode_for(x) is None  # not asked
+    monkeypatch.setenv("INTERP_TRITON_FUSED", "1")
+    assert kernels.fused_decode_for(x) is triton_kernels
 
 
 def test_fused_decoder_row_kernels_match_torch(interpreted_errors):

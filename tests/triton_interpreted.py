@@ -95,21 +95,91 @@ def dispatch_checks(results: dict) -> None:
         results[f"dispatch/{label}"] = [_err(a, b), TOL[torch.float64]]
 
 
-def topk_checks(results: dict) -> None:
-    """Radix-select top-k vs torch.topk on bf16 rows: ties, negatives, signed zeros, k == n, masked tails."""
-    g = torch.Generator().manual_seed(3)
-    for R, n, k in [(3, 100, 7), (4, 5000, 32), (2, 300, 300), (5, 64, 1), (2, 4097, 130)]:
+def _topk_rows_checks(results: dict, prefix: str, shapes: list[tuple[int, int, int]], seed: int, method: str | None) -> None:
+    """``topk_rows`` vs torch.topk on bf16 rows: ties at the k-th value, few distinct values, signed zeros."""
+    g = torch.Generator().manual_seed(seed)
+    for R, n, k in shapes:
         x = torch.randn(R, n, generator=g).to(torch.bfloat16)
         x[0, : n // 2] = 0.5  # a run of ties straddling the k-th value
         x[-1] = x[-1].round()  # few distinct values: many ties, many exact zeros of both signs
         x[-1, ::3] = -x[-1, ::3]
-        values, indices = triton_kernels.topk_rows(x, k)
+        values, indices = triton_kernels.topk_rows(x, k, method=method)
         want = x.float().topk(k, dim=-1).values.sort(-1).values
         distinct = all(len(set(row.tolist())) == k for row in indices)
         in_range = bool(((indices >= 0) & (indices < n)).all())
-        results[f"topk/{R}x{n}x{k}/values"] = [_err(values.float().sort(-1).values, want), 0.0]
-        results[f"topk/{R}x{n}x{k}/values_at_indices"] = [_err(x.gather(-1, indices.clamp(0, n - 1)).float(), values.float()), 0.0]
-        results[f"topk/{R}x{n}x{k}/indices_distinct_in_range"] = [0.0 if distinct and in_range else 1.0, 0.0]
+        results[f"{prefix}/{R}x{n}x{k}/values"] = [_err(values.float().sort(-1).values, want), 0.0]
+        results[f"{prefix}/{R}x{n}x{k}/values_at_indices"] = [_err(x.gather(-1, indices.clamp(0, n - 1)).float(), values.float()), 0.0]
+        results[f"{prefix}/{R}x{n}x{k}/indices_distinct_in_range"] = [0.0 if distinct and in_range else 1.0, 0.0]
+
+
+def topk_checks(results: dict) -> None:
+    """The default top-k (filter, then radix select; k == n, k above the filter's limit, masked tails)."""
+    _topk_rows_checks(results, "topk", [(3, 100, 7), (4, 5000, 32), (2, 300, 300), (5, 64, 1), (2, 4097, 130)], seed=3, method=None)
+
+
+def lanes_topk_checks(results: dict) -> None:
+    """The lane-group top-k (masked tails, one member per group, k 1)."""
+    shapes = [(3, 5000, 32), (4, 300, 7), (2, 4097, 64), (3, 64, 1), (2, 1024, 16)]
+    assert all(triton_kernels._lane_groups(n, k) is not None for _, n, k in shapes)
+    _topk_rows_checks(results, "lanes", shapes, seed=6, method="lanes")
+
+
+def latent_backward_checks(results: dict) -> None:
+    """The fused one-pass backward vs the torch kernels: gather-dot, both scatters and the bias sum.
+
+    ``chunk=2`` splits every latent with more than 2 entries into atomically added items; k == n
+    puts every token on every latent; zero values must block the encoder gradient.
+    """
+    for S, B, d, n, k, dtype, chunk in [(2, 7, 70, 40, 5, torch.float64, None), (2, 7, 70, 40, 5, torch.float64, 2),
+                                         (1, 6, 9, 9, 9, torch.float64, 2), (2, 5, 33, 16, 4, torch.float32, 3)]:
+        tag = f"{S}x{B}x{d}x{n}x{k}/{str(dtype).removeprefix('torch.')}/chunk{chunk}"
+        values, indices, W_dec, _, grad = _inputs(S, B, d, n, k, dtype, seed=7 * n + k)
+        values = values.relu()  # activations: about half are exactly zero
+        xc = torch.randn(S, B, d, dtype=dtype, generator=torch.Generator().manual_seed(11))
+        d_w_dec, d_w_enc, d_b_enc = triton_kernels.latent_backward(values, indices, grad, xc, W_dec, chunk=chunk)
+        dpre = kernels.gather_dot(grad, W_dec, indices) * (values > 0)
+        want_b = torch.zeros(S * n, dtype=dtype).index_add_(0, (indices + torch.arange(S).view(S, 1, 1) * n).reshape(-1), dpre.reshape(-1))
+        tol = TOL[dtype]
+        results[f"latent/{tag}/W_dec"] = [_err(d_w_dec, kernels.scatter_rows(values, indices, grad, n)), tol]
+        results[f"latent/{tag}/W_enc"] = [_err(d_w_enc, kernels.scatter_rows(dpre, indices, xc, n)), tol]
+        results[f"latent/{tag}/b_enc"] = [_err(d_b_enc, want_b.view(S, n)), tol]
+
+
+def fused_step_checks(results: dict) -> None:
+    """A whole step with INTERP_TRITON_FUSED=1 vs the unfused Triton step: loss, metrics, every gradient.
+
+    TopK and BatchTopK, with dead latents so AuxK's own (unfused) decode adds to the same gradients.
+    """
+    from saes.step import StepConfig, init_stack, init_state, sae_step_loss
+
+    S, B, d, n = 2, 12, 10, 24
+    x = torch.randn(S, B, d, dtype=torch.float64, generator=torch.Generator().manual_seed(8)) + 2.0
+    original, original_backward = kernels._triton_for, triton_kernels.latent_backward
+    fused_calls = []
+    kernels._triton_for = lambda t: triton_kernels
+    triton_kernels.latent_backward = lambda *a, **kw: fused_calls.append(1) or original_backward(*a, **kw)
+    try:
+        for batch_topk in (False, True):
+            cfg = StepConfig(k=3, k_aux=5, dead_tokens_threshold=50, batch_topk=batch_topk)
+            out = {}
+            for fused in ("0", "1"):
+                os.environ["INTERP_TRITON_FUSED"] = fused
+                params = init_stack(S, d, n, sample=x.float(), seed=3)
+                params.double()
+                state = init_state(S, n)
+                state.tokens_since_fired[:, : n // 3] = 100
+                loss, metrics, _ = sae_step_loss(params, state, x, cfg)
+                out[fused] = [loss.detach(), *metrics.values(), *torch.autograd.grad(loss, list(params.parameters()))]
+            tag = "batch_topk" if batch_topk else "topk"
+            names = ["loss", "fvu", "l0", "dead_fraction", "auxk_loss", "W_enc_t", "b_enc", "W_dec", "b_dec"]
+            for name, a, b in zip(names, out["1"], out["0"]):
+                results[f"fused_step/{tag}/{name}"] = [_err(a, b), TOL[torch.float64]]
+            results[f"fused_step/{tag}/auxk_active"] = [0.0 if float(out["1"][4].min()) > 0 else 1.0, 0.0]
+            results[f"fused_step/{tag}/fused_backward_ran_once"] = [float(abs(len(fused_calls) - 1)), 0.0]
+            fused_calls.clear()
+    finally:
+        kernels._triton_for, triton_kernels.latent_backward = original, original_backward
+        os.environ.pop("INTERP_TRITON_FUSED", None)
 
 
 def decoder_row_checks(results: dict) -> None:
@@ -132,6 +202,9 @@ def main() -> None:
         decode_checks(results, *case)
     dispatch_checks(results)
     topk_checks(results)
+    lanes_topk_checks(results)
+    latent_backward_checks(results)
+    fused_step_checks(results)
     decoder_row_checks(results)
     print(json.dumps(results))
 

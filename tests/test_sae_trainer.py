@@ -312,3 +312,29 @@ def test_cli_trains_and_rejects_bad_input(store, tmp_path):
         assert result.exit_code == 2, (why, result.output)
         assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, (why, result.stderr)
     assert not (tmp_path / "bad").exists()
+
+
+def test_cli_trains_live_from_a_local_model_directory(tmp_path):
+    """``train-sae --model DIR --corpus FILE``: the offline path a user with a local HF directory takes; equal to the library call."""
+    from test_models import _save_tiny_llama
+
+    from interp.models import load_model
+
+    model_dir = tmp_path / "tiny-llama"
+    _save_tiny_llama(model_dir)
+    text = tmp_path / "corpus.txt"
+    text.write_text("\n\n".join(f"Paragraph {i}: the river runs past the mill, and the miller counts {i} sacks of grain." for i in range(60)))
+    hook = "blocks.1.hook_resid_post"
+    args = ["--model", str(model_dir), "--corpus", str(text), "--hook", hook, "--latents", "16", "--k", "2", "--tokens", "96",
+            "--batch-size", "32", "--checkpoint-every", "0", "--log-every", "1", "--no-progress", "--device", "cpu"]
+    result = _cli(*args, "--out", str(tmp_path / "cli"))
+    assert result.exit_code == 0, result.output
+    saved = json.loads((tmp_path / "cli" / sae_name(hook, 16, 2) / "cfg.json").read_text())
+    assert (saved["d_in"], saved["d_sae"], saved["hook_name"]) == (32, 16, hook)
+    assert [r["step"] for r in read_metrics(tmp_path / "cli" / "metrics.jsonl")] == [1, 2, 3]
+    cfg = TrainConfig(hooks=[hook], settings=[(16, 2)], n_tokens=96, batch_size=32, checkpoint_every=0, log_every=1, progress=False,
+                      device="cpu", corpus=str(text))
+    library = train(load_model(str(model_dir), device="cpu"), cfg, tmp_path / "lib")
+    import saes as saes_pkg
+
+    _assert_same(_weights({"cli": saes_pkg.load(tmp_path / "cli" / sae_name(hook, 16, 2))}), _weights({"cli": library[sae_name(hook, 16, 2)]}))

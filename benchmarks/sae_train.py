@@ -10,6 +10,12 @@ held-out FVU after the same number of tokens.
     python benchmarks/sae_train.py                      # d_in 576, n 4096 and 16384, k 32, batch 4096
     python benchmarks/sae_train.py --latents 4096 --steps 5 --threads 1
     python benchmarks/sae_train.py --device cuda --d-in 768 --latents 32768 --steps 30   # GPU
+    python benchmarks/sae_train.py --latents 4096 --steps 4 --threads 1 --saelens-python /tmp/saelens-venv/bin/python
+
+``--saelens-python`` adds sae-lens, which pins ``transformer-lens<4`` and so lives in its own venv
+(see ``benchmarks/saelens_train.py``): after ours, for each size, that interpreter runs
+``saelens_train.py`` on the same data (the raw data's sha256 is printed by both and compared) and
+the ratios ours / sae-lens are printed with the others.
 
 On CUDA the roofline is the bf16 encoder GEMM (every implementation runs its encoder in bf16:
 ours by design, sparsify and the dense reference under ``torch.autocast``), times are wall clock
@@ -21,6 +27,10 @@ Never asserts a time: figures go to benchmarks/RESULTS.md by hand.
 from __future__ import annotations
 
 import argparse
+import hashlib
+import os
+import re
+import subprocess
 import time
 from collections.abc import Callable
 
@@ -176,6 +186,33 @@ def profile(step: Callable, data: torch.Tensor, B: int, steps: int = 5) -> None:
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=50))
 
 
+def checksum(t: torch.Tensor) -> str:
+    """First 16 hex digits of the sha256 of the tensor's contiguous bytes (``saelens_train.py`` prints the same)."""
+    return hashlib.sha256(t.contiguous().cpu().numpy().tobytes()).hexdigest()[:16]
+
+
+def saelens_run(python: str, n: int, args: argparse.Namespace, data_sha: str) -> tuple[float, float] | None:
+    """sae-lens's ``(samples/s, per CPU-s)`` at ``n`` latents from ``saelens_train.py`` under ``python`` (its own venv).
+
+    Same sizes, steps and threads as this run; None (with the reason printed) when it fails or saw other data.
+    """
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "saelens_train.py")
+    cmd = [python, script, "--latents", str(n), "--d-in", str(args.d_in), "--k", str(args.k), "--batch", str(args.batch),
+           "--steps", str(args.steps)] + (["--threads", str(args.threads)] if args.threads else [])
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        print(f"  sae-lens failed (exit {proc.returncode}): {proc.stderr.strip().splitlines()[-1:] or ''}")
+        return None
+    if f"raw data sha256 {data_sha}" not in proc.stdout:
+        print(f"  sae-lens saw other data (expected raw data sha256 {data_sha}); not compared")
+        return None
+    line = next(line for line in proc.stdout.splitlines() if line.strip().startswith("sae-lens "))
+    print(line, flush=True)
+    wall, cpu = (float(v.replace(",", "")) for v in re.findall(r"([\d,]+) (?:samples/s|per CPU-s)", line))
+    return wall, cpu
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--d-in", type=int, default=576)
@@ -188,6 +225,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (allocations, Triton compiles)")
     parser.add_argument("--profile", action="store_true", help="print our step's operator profile per size")
+    parser.add_argument("--saelens-python", default=None, help="python of a venv with sae-lens: also run benchmarks/saelens_train.py on the same data")
     parser.add_argument("--enc-init-scale", type=float, default=DEFAULT_ENC_INIT_SCALE, help="ours and dense: W_enc = s * W_dec^T at init (default 1/sqrt(3), as sparsify; 1: exact transpose)")
     args = parser.parse_args()
     global DEVICE, ENC_INIT_SCALE
@@ -201,7 +239,9 @@ def main() -> None:
     raw = synthetic((args.steps + 1) * B + 8192, d, n_true=8 * d, k=k, seed=0)
     scale = float(input_scale(raw[None, :8192])[0])
     data, held_out = (scale * raw[:-8192]).to(DEVICE), (scale * raw[-8192:]).to(DEVICE)
-    print(f"threads {torch.get_num_threads()}, d_in {d}, k {k}, batch {B}, {args.steps} timed steps, inputs scaled by {scale:.4f}")
+    data_sha = checksum(raw)
+    print(f"threads {torch.get_num_threads()}, d_in {d}, k {k}, batch {B}, {args.steps} timed steps, inputs scaled by {scale:.4f}, "
+          f"raw data sha256 {data_sha}")
     impls = {"ours": ours, "sparsify": sparsify_coder, "dense": dense_reference}
     for n in args.latents:
         flops, flops_cpu = matmul_flops(B, d, n)
@@ -225,7 +265,11 @@ def main() -> None:
             results[name] = (sps, sps_cpu)
             print(f"  {name:9s} {sps:8,.0f} samples/s, roofline {2 * d * n * sps / flops:6.1%} | {sps_cpu:8,.0f} per CPU-s, "
                   f"roofline {2 * d * n * sps_cpu / flops_cpu:6.1%} | held-out FVU {held:.4f}", flush=True)
-        for other in ("sparsify", "dense"):
+        if args.saelens_python and DEVICE.type == "cpu":
+            found = saelens_run(args.saelens_python, n, args, data_sha)
+            if found is not None:
+                results["sae-lens"] = found
+        for other in ("sparsify", "sae-lens", "dense"):
             if "ours" in results and other in results:
                 print(f"  ours / {other}: {results['ours'][0] / results[other][0]:.2f}x wall, {results['ours'][1] / results[other][1]:.2f}x per CPU-s")
 

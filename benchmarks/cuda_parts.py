@@ -3,7 +3,7 @@
     python benchmarks/cuda_parts.py --d-in 768 --latents 32768 --batch 4096
 
 Parts: the bf16 encoder GEMM (the roofline), ``torch.topk`` vs the Triton top-ks (filter and lane
-groups), the sparse backward unfused vs fused (:func:`saes.triton_kernels.latent_backward`), the sparse
+groups), the sparse backward unfused vs fused (:func:`saes.triton_backward.latent_backward`), the sparse
 weight-gradient scatter (torch sparse, Triton atomics, Triton sorted segments) and gather-dot,
 the fused Adam update of all weights, and the decoder constraint + renormalization (Triton vs
 torch). Each part's result is checked against the plain version before it is timed. Never asserts
@@ -18,7 +18,7 @@ import os
 import torch
 from triton.testing import do_bench
 
-from saes import kernels, triton_kernels
+from saes import kernels, triton_backward, triton_kernels
 from saes.step import StackParams, constrain_decoder_grad, normalize_decoder
 
 
@@ -90,10 +90,10 @@ def main() -> None:
                 torch.zeros(n, device=dev).index_add_(0, flat_idx, dpre.reshape(-1)))
 
     want = unfused()
-    got = triton_kernels.latent_backward(act, idx, dense, xc, table)
+    got = triton_backward.latent_backward(act, idx, dense, xc, table)
     errs = ", ".join(f"{float((a.reshape(b.shape) - b).norm() / b.norm()):.1e}" for a, b in zip(got, want))
     rows.append(("backward unfused (4 kernels)", ms(unfused), ""))
-    rows.append(("backward fused (latent pass)", ms(lambda: triton_kernels.latent_backward(act, idx, dense, xc, table)), f"rel diff {errs}"))
+    rows.append(("backward fused (latent pass)", ms(lambda: triton_backward.latent_backward(act, idx, dense, xc, table)), f"rel diff {errs}"))
 
     params = StackParams(1, d, n, device=dev)
     with torch.no_grad():

@@ -310,10 +310,13 @@ def encode_topk(
 
 
 def fused_decode_for(x: Tensor):
-    """:mod:`saes.triton_kernels` when ``x`` takes the Triton path and ``INTERP_TRITON_FUSED=1``, else None.
+    """:mod:`saes.triton_backward` when ``x`` takes the Triton path and ``INTERP_TRITON_FUSED=1``, else None.
 
     Its ``decode_selected`` then replaces ``sparse_decode(select_pre_acts(...))``: one kernel for
-    the whole sparse backward (:func:`saes.triton_kernels.latent_backward`).
+    the whole sparse backward (:func:`saes.triton_backward.latent_backward`).
     """
-    tk = _triton_for(x)
-    return tk if tk is not None and tk.fused_backward_enabled() else None
+    if _triton_for(x) is None:
+        return None
+    from saes import triton_backward
+
+    return triton_backward if triton_backward.fused_backward_enabled() else None

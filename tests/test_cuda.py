@@ -122,14 +122,14 @@ def test_compiled_lane_group_topk_equals_torch_topk(R, n, k, monkeypatch):
 @pytest.mark.parametrize("S,B,d,n,k,chunk", [(1, 4096, 768, 2048, 32, None), (2, 300, 100, 64, 16, 7)])
 def test_compiled_latent_backward_matches_float64_reference(S, B, d, n, k, chunk):
     """The fused backward (gather-dot, both weight-gradient scatters, the bias sum) vs dense float64 einsums."""
-    from saes import triton_kernels
+    from saes import triton_backward
 
     gen = torch.Generator().manual_seed(B + n)
     idx = _indices(S, B, n, k, gen)
     values, W_dec, grad, xc = (torch.randn(shape, generator=gen, dtype=torch.float64) for shape in [(S, B, k), (S, n, d), (S, B, d), (S, B, d)])
     values = values.relu()
     on = [t.float().to(CUDA) for t in (values, grad, xc, W_dec)]
-    got = triton_kernels.latent_backward(on[0], idx.to(CUDA), on[1], on[2], on[3], chunk=chunk)
+    got = triton_backward.latent_backward(on[0], idx.to(CUDA), on[1], on[2], on[3], chunk=chunk)
     f = torch.zeros(S, B, n, dtype=torch.float64).scatter(-1, idx, values)
     dpre = torch.einsum("sbd,snd->sbn", grad, W_dec).gather(-1, idx) * (values > 0)
     g = torch.zeros(S, B, n, dtype=torch.float64).scatter(-1, idx, dpre)

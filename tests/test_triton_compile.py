@@ -2,9 +2,10 @@
 
 The interpreter tests (test_triton_kernels.py) check what the kernels compute, but Triton's
 interpreter runs some programs its compiler rejects (shapes, dtypes, constructs it does not
-lower). Here each launch wrapper of :mod:`saes.triton_kernels` runs on CPU tensors with its
-kernels replaced by recorders; each recorded launch is then compiled ahead of time, through PTX to
-a cubin with the ``ptxas`` in Triton's wheel, for a Hopper target. Nothing runs on a GPU.
+lower). Here each launch wrapper of :mod:`saes.triton_kernels`, :mod:`saes.triton_topk` and
+:mod:`saes.triton_backward` runs on CPU tensors with its kernels replaced by recorders; each
+recorded launch is then compiled ahead of time, through PTX to a cubin with the ``ptxas`` in
+Triton's wheel, for a Hopper target. Nothing runs on a GPU.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ triton = pytest.importorskip("triton")
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+from saes import triton_backward as tb  # noqa: E402
 from saes import triton_kernels as tk  # noqa: E402
+from saes import triton_topk as tt  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 _PTR = {torch.float32: "*fp32", torch.float64: "*fp64", torch.bfloat16: "*bf16", torch.float16: "*fp16",
@@ -59,9 +62,12 @@ def _signature(fn, args: tuple, kwargs: dict) -> tuple[dict[str, str], dict[str,
 
 def _launches(monkeypatch) -> list[tuple[str, object, tuple, dict]]:
     """Every launch the wrappers make on the step's shapes (d 768, n 32k, k 32) and the edge paths."""
-    recorders = {name: _Recorder(getattr(tk, name)) for name in dir(tk) if name.endswith("_kernel") and name.startswith("_")}
-    for name, rec in recorders.items():
-        monkeypatch.setattr(tk, name, rec)
+    recorders = {}
+    for module in (tk, tb, tt):
+        for name in dir(module):
+            if name.endswith("_kernel") and name.startswith("_"):
+                recorders[name] = _Recorder(getattr(module, name))
+                monkeypatch.setattr(module, name, recorders[name])
     S, B, n, d, k = 1, 64, 32768, 768, 32
     g = torch.Generator().manual_seed(0)
     values = torch.rand(S, B, k, generator=g)
@@ -73,15 +79,15 @@ def _launches(monkeypatch) -> list[tuple[str, object, tuple, dict]]:
     tk.scatter_rows(values, indices, dense, n, sorted_segments=False)
     tk.scatter_rows(values, indices, dense, n, sorted_segments=True)
     tk.gather_dot(dense, table, indices)
-    tk.latent_backward(values, indices, dense, dense, table)
-    tk.latent_backward(values.double(), indices, dense.double(), dense.double(), table.double())
+    tb.latent_backward(values, indices, dense, dense, table)
+    tb.latent_backward(values.double(), indices, dense.double(), dense.double(), table.double())
     pre = torch.randn(B, n, generator=g).to(torch.bfloat16)
-    tk.topk_rows(pre, k, method="filter")  # filter, then the radix select for rows it could not finish
-    tk.topk_rows(pre, k, method="lanes")
-    tk.topk_rows(pre[:, :4096], 16, method="lanes")
-    tk.topk_rows(pre[:, :1024], 1, method="lanes")  # k 1, one member per group: one-element sorts
-    tk.topk_rows(torch.randn(4, 65536, generator=g).half(), 64, method="lanes")
-    tk.topk_rows(pre, 100)  # k above the filter's limit: radix select only
+    tt.topk_rows(pre, k, method="filter")  # filter, then the radix select for rows it could not finish
+    tt.topk_rows(pre, k, method="lanes")
+    tt.topk_rows(pre[:, :4096], 16, method="lanes")
+    tt.topk_rows(pre[:, :1024], 1, method="lanes")  # k 1, one member per group: one-element sorts
+    tt.topk_rows(torch.randn(4, 65536, generator=g).half(), 64, method="lanes")
+    tt.topk_rows(pre, 100)  # k above the filter's limit: radix select only
     tk.constrain_rows(table[0, :8].clone(), table[0, 8:16].clone())
     tk.normalize_rows(table[0, :8].clone())
     launches = [(name, rec.fn, args, kwargs) for name, rec in recorders.items() for args, kwargs in rec.calls]

@@ -61,14 +61,14 @@ def test_interpreted_checks_pass(interpreted_errors, prefix, count):
 
 
 def test_lane_groups_apply_only_where_the_row_has_4k_groups():
-    from saes import triton_kernels
+    from saes import triton_topk
 
-    assert triton_kernels._lane_groups(32768, 32) == (1024, 32, 32)
-    assert triton_kernels._lane_groups(65536, 32) == (2048, 32, 32)
-    assert triton_kernels._lane_groups(5000, 32) == (1024, 8, 32)
-    assert triton_kernels._lane_groups(100, 32) is None  # 64 groups < 4 x 32
-    assert triton_kernels._lane_groups(70000, 8) is None  # indices packed in 16 bits
-    assert triton_kernels._lane_groups(32768, 65) is None
+    assert triton_topk._lane_groups(32768, 32) == (1024, 32, 32)
+    assert triton_topk._lane_groups(65536, 32) == (2048, 32, 32)
+    assert triton_topk._lane_groups(5000, 32) == (1024, 8, 32)
+    assert triton_topk._lane_groups(100, 32) is None  # 64 groups < 4 x 32
+    assert triton_topk._lane_groups(70000, 8) is None  # indices packed in 16 bits
+    assert triton_topk._lane_groups(32768, 65) is None
 
 
 def test_topk_method_switch(monkeypatch):
@@ -85,7 +85,7 @@ def test_topk_method_switch(monkeypatch):
 
 
 def test_fused_decode_only_on_the_triton_path_and_when_asked(monkeypatch):
-    from saes import kernels, triton_kernels
+    from saes import kernels, triton_backward, triton_kernels
 
     x = torch.zeros(1, 2, 3)
     assert kernels.fused_decode_for(x) is None  # CPU
@@ -93,7 +93,7 @@ def test_fused_decode_only_on_the_triton_path_and_when_asked(monkeypatch):
     monkeypatch.delenv("INTERP_TRITON_FUSED", raising=False)
     assert kernels.fused_decode_for(x) is None  # not asked
     monkeypatch.setenv("INTERP_TRITON_FUSED", "1")
-    assert kernels.fused_decode_for(x) is triton_kernels
+    assert kernels.fused_decode_for(x) is triton_backward
 
 
 def test_fused_decoder_row_kernels_match_torch(interpreted_errors):

@@ -14,7 +14,7 @@ os.environ["TRITON_INTERPRET"] = "1"
 
 import torch  # noqa: E402
 
-from saes import kernels, triton_kernels  # noqa: E402
+from saes import kernels, triton_backward, triton_kernels, triton_topk  # noqa: E402
 
 # (S, B, d, n, k, dtype, fused b_dec): d > BLOCK_D and k > BLOCK_K exercise the masked tails;
 # k == n makes every token hit every latent, so the scatter's atomic adds collide on every row.
@@ -120,7 +120,7 @@ def topk_checks(results: dict) -> None:
 def lanes_topk_checks(results: dict) -> None:
     """The lane-group top-k (masked tails, one member per group, k 1)."""
     shapes = [(3, 5000, 32), (4, 300, 7), (2, 4097, 64), (3, 64, 1), (2, 1024, 16)]
-    assert all(triton_kernels._lane_groups(n, k) is not None for _, n, k in shapes)
+    assert all(triton_topk._lane_groups(n, k) is not None for _, n, k in shapes)
     _topk_rows_checks(results, "lanes", shapes, seed=6, method="lanes")
 
 
@@ -136,7 +136,7 @@ def latent_backward_checks(results: dict) -> None:
         values, indices, W_dec, _, grad = _inputs(S, B, d, n, k, dtype, seed=7 * n + k)
         values = values.relu()  # activations: about half are exactly zero
         xc = torch.randn(S, B, d, dtype=dtype, generator=torch.Generator().manual_seed(11))
-        d_w_dec, d_w_enc, d_b_enc = triton_kernels.latent_backward(values, indices, grad, xc, W_dec, chunk=chunk)
+        d_w_dec, d_w_enc, d_b_enc = triton_backward.latent_backward(values, indices, grad, xc, W_dec, chunk=chunk)
         dpre = kernels.gather_dot(grad, W_dec, indices) * (values > 0)
         want_b = torch.zeros(S * n, dtype=dtype).index_add_(0, (indices + torch.arange(S).view(S, 1, 1) * n).reshape(-1), dpre.reshape(-1))
         tol = TOL[dtype]
@@ -154,10 +154,10 @@ def fused_step_checks(results: dict) -> None:
 
     S, B, d, n = 2, 12, 10, 24
     x = torch.randn(S, B, d, dtype=torch.float64, generator=torch.Generator().manual_seed(8)) + 2.0
-    original, original_backward = kernels._triton_for, triton_kernels.latent_backward
+    original, original_backward = kernels._triton_for, triton_backward.latent_backward
     fused_calls = []
     kernels._triton_for = lambda t: triton_kernels
-    triton_kernels.latent_backward = lambda *a, **kw: fused_calls.append(1) or original_backward(*a, **kw)
+    triton_backward.latent_backward = lambda *a, **kw: fused_calls.append(1) or original_backward(*a, **kw)
     try:
         for batch_topk in (False, True):
             cfg = StepConfig(k=3, k_aux=5, dead_tokens_threshold=50, batch_topk=batch_topk)
@@ -178,7 +178,7 @@ def fused_step_checks(results: dict) -> None:
             results[f"fused_step/{tag}/fused_backward_ran_once"] = [float(abs(len(fused_calls) - 1)), 0.0]
             fused_calls.clear()
     finally:
-        kernels._triton_for, triton_kernels.latent_backward = original, original_backward
+        kernels._triton_for, triton_backward.latent_backward = original, original_backward
         os.environ.pop("INTERP_TRITON_FUSED", None)
 
 

@@ -4,9 +4,11 @@ Two modes:
 - ``ddp``: every rank holds every SAE and a different slice of each global batch. Each rank
   normalises its FVU and AuxK by the variance of the *global* batch (:func:`total_variance_over_ranks`),
   so the global loss is the sum of the rank losses and gradients are summed (all-reduce): per-token
-  TopK then matches one process up to float reduction order. The explicit step state is synced too:
-  a latent counts as fired if it fired on any rank, and the BatchTopK threshold is the mean over
-  ranks (each rank keeps the top ``k * B / W`` of its own slice, so BatchTopK is close, not exact).
+  TopK then matches one process up to float reduction order. BatchTopK keeps the top ``k * B``
+  of the global batch: the cut is found over ranks (:func:`kth_largest_over_ranks`) and the
+  smallest kept activation is the minimum over ranks, so its running threshold and selection
+  match one process too. The explicit step state is synced: a latent counts as fired if it fired
+  on any rank.
 - ``shard``: the SAEs are dealt out to ranks; every rank reads the same batches and trains its own
   share, nothing is reduced. Rank 0 gathers metrics and writes the shared files.
 CPU runs use the gloo backend, CUDA runs NCCL (one device per local rank).
@@ -26,8 +28,8 @@ from torch import Tensor
 from interp.errors import UserError
 
 __all__ = [
-    "DistContext", "setup", "all_reduce_grads", "total_variance_over_ranks", "sync_step_state",
-    "mean_over_ranks", "sum_over_ranks", "gather_objects",
+    "DistContext", "setup", "all_reduce_grads", "total_variance_over_ranks", "kth_largest_over_ranks", "min_over_ranks",
+    "sync_step_state", "mean_over_ranks", "sum_over_ranks", "gather_objects",
 ]
 
 
@@ -131,11 +133,36 @@ def total_variance_over_ranks(xs: list[Float[Tensor, "S B d"]], world: int) -> l
     return out
 
 
+def kth_largest_over_ranks(values: Float[Tensor, "S L"], kth: int, world: int) -> Float[Tensor, "S"]:
+    """Per member, the ``kth`` largest of all ranks' ``values`` together (BatchTopK's cut over the global batch).
+
+    The global top ``kth`` holds at most ``min(kth, L)`` entries of any one rank, so each rank sends
+    only its own top ``min(kth, L)``: the ``kth`` largest of their union is the global one. Every
+    rank holds the same ``L``; ``kth <= world * L``.
+    """
+    local = values.topk(min(kth, values.shape[1]), dim=1, sorted=False).values.contiguous()
+    if world > 1:
+        parts = [torch.empty_like(local) for _ in range(world)]
+        dist.all_gather(parts, local)
+        local = torch.cat(parts, dim=1)
+    return local.kthvalue(local.shape[1] - kth + 1, dim=1).values
+
+
+def min_over_ranks(values: Tensor, world: int) -> Tensor:
+    """Elementwise minimum of a tensor over ranks."""
+    if world == 1:
+        return values
+    out = values.clone()
+    dist.all_reduce(out, op=dist.ReduceOp.MIN)
+    return out
+
+
 def sync_step_state(old: Any, new: Any, local_rows: int, world: int) -> Any:
     """Make the step state identical on all ranks, as if one process had seen the whole global batch.
 
     A latent that fired on any rank restarts its count at 0; one that fired nowhere has seen
-    ``world * local_rows`` more tokens since it last fired. The running threshold is averaged.
+    ``world * local_rows`` more tokens since it last fired. The BatchTopK threshold needs nothing:
+    every rank computed it from the global batch's smallest kept activation.
     """
     if world == 1:
         return new
@@ -143,9 +170,6 @@ def sync_step_state(old: Any, new: Any, local_rows: int, world: int) -> Any:
     dist.all_reduce(fired, op=dist.ReduceOp.MAX)
     new.tokens_since_fired = torch.where(fired.bool(), torch.zeros_like(old.tokens_since_fired),
                                          old.tokens_since_fired + world * local_rows)
-    threshold = new.threshold.clone()
-    dist.all_reduce(threshold, op=dist.ReduceOp.SUM)
-    new.threshold = threshold / world
     return new
 
 

@@ -24,6 +24,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from interp.errors import UserError
+from saes.distributed import kth_largest_over_ranks, min_over_ranks
 from saes.kernels import _triton_for, dense_pre_acts, encode_topk, fused_decode_for, select_pre_acts, sparse_decode, squared_error, topk
 
 __all__ = [
@@ -217,11 +218,14 @@ def _pre_buffer(params: StackParams, x: Tensor) -> Tensor | None:
     return None if x.is_cuda else params.scratch((*x.shape[:2], params.n_latents), params.W_enc.dtype, x.device)
 
 
-def _batch_topk(params: StackParams, x: Tensor, xc: Tensor, cfg: StepConfig, attach: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _batch_topk(params: StackParams, x: Tensor, xc: Tensor, cfg: StepConfig, attach: bool = True,
+                world: int = 1) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Top ``k * B`` pre-activations over the batch, from the best ``max_k_per_token`` per token.
 
     Returns ``(values [S,B,c], indices [S,B,c], pre [S,B,n], smallest kept activation [S])``;
     unkept candidates have value 0. ``attach=False``: the values carry no gradient (the fused decoder's case).
+    ``world > 1``: ``x`` is one rank's slice of a global batch of ``world * B`` rows, and the cut and
+    the smallest kept activation are those of the global batch (collectives over the ranks).
     """
     n, (S, B, _) = params.n_latents, x.shape
     pre = dense_pre_acts(x, params.W_enc, params.b_enc, params.b_dec, out=_pre_buffer(params, x), x_centered=xc)
@@ -229,11 +233,13 @@ def _batch_topk(params: StackParams, x: Tensor, xc: Tensor, cfg: StepConfig, att
     top, indices = topk(pre, per_token)
     top = top.to(params.W_enc.dtype)
     flat = top.reshape(S, -1)
-    keep_n = min(cfg.k * B, flat.shape[1])
-    # The (k*B)-th largest candidate: kthvalue counts from the smallest.
-    kth = flat.kthvalue(flat.shape[1] - keep_n + 1, dim=1).values
+    keep_n = min(cfg.k * B, flat.shape[1]) * world
+    if world > 1:
+        kth = kth_largest_over_ranks(flat, keep_n, world)
+    else:  # the (k*B)-th largest candidate: kthvalue counts from the smallest
+        kth = flat.kthvalue(flat.shape[1] - keep_n + 1, dim=1).values
     keep = (top >= kth.view(S, 1, 1)) & (top > 0)
-    smallest = torch.where(keep, top, torch.full_like(top, math.inf)).amin(dim=(1, 2))
+    smallest = min_over_ranks(torch.where(keep, top, torch.full_like(top, math.inf)).amin(dim=(1, 2)), world)
     if not attach:
         return top * keep, indices, pre, smallest
     values = select_pre_acts(top, indices, x, params.W_enc, params.b_enc, params.b_dec, xc) * keep
@@ -266,7 +272,7 @@ def _auxk(params: StackParams, x: Tensor, xc: Tensor, pre: Tensor, residual: Ten
 
 def sae_step_loss(
     params: StackParams, state: StepState, x: Float[Tensor, "S B d"], cfg: StepConfig,
-    *, total_variance: Float[Tensor, "S"] | None = None,
+    *, total_variance: Float[Tensor, "S"] | None = None, world: int = 1,
 ) -> tuple[Tensor, dict[str, Tensor], StepState]:
     """Loss (summed over the stack), per-member metrics and the next state for one batch.
 
@@ -277,6 +283,8 @@ def sae_step_loss(
     ``total_variance`` is the FVU and AuxK denominator ``sum_b ||x_b - mean_b x||^2`` of a larger
     global batch that ``x`` is one slice of (data parallelism); the loss, ``fvu`` and ``auxk_loss``
     of the slices then add up to those of the global batch. None uses the variance of ``x`` itself.
+    ``world``: the number of equal slices (ranks) of that global batch; BatchTopK then selects over
+    the global batch (see :func:`_batch_topk`), so every rank computes the single-process threshold.
     """
     _check(params, x, cfg)
     if x.is_cuda:
@@ -288,7 +296,7 @@ def sae_step_loss(
     xc = x - params.b_dec.detach().unsqueeze(1)  # one pass shared by the encoder backward, the FVU and its variance
     fused = fused_decode_for(x)  # CUDA with INTERP_TRITON_FUSED=1: one kernel for the sparse backward
     if cfg.batch_topk:
-        values, indices, pre, smallest = _batch_topk(params, x, xc, cfg, attach=fused is None)
+        values, indices, pre, smallest = _batch_topk(params, x, xc, cfg, attach=fused is None, world=world)
         smallest = torch.where(torch.isfinite(smallest), smallest, threshold)
         first = torch.isnan(threshold)
         threshold = torch.where(first, smallest, threshold + cfg.threshold_momentum * (smallest - threshold))

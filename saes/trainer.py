@@ -195,7 +195,8 @@ class _Run:
         results, total = [], None
         for stack, x, variance in zip(self.stacks, xs, variances):
             # precision is the step's: bf16 encoder GEMM (TF32 elsewhere) on CUDA, fp32 on CPU
-            loss, metrics, new_state = sae_step_loss(stack.params, stack.state, x, stack.step_cfg, total_variance=variance)
+            loss, metrics, new_state = sae_step_loss(stack.params, stack.state, x, stack.step_cfg, total_variance=variance,
+                                                     world=self.data_world)
             total = loss if total is None else total + loss
             results.append((metrics, new_state))
         total.backward()

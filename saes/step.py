@@ -56,19 +56,20 @@ class StackParams(nn.Module):
         self.b_enc = nn.Parameter(torch.zeros(S, n_latents, **kw))
         self.W_dec = nn.Parameter(torch.zeros(S, n_latents, d_in, **kw))
         self.b_dec = nn.Parameter(torch.zeros(S, d_in, **kw))
-        self._scratch: dict[tuple, Tensor] = {}
+        self._scratch: dict[str, tuple[tuple, Tensor]] = {}
 
     @property
     def W_enc(self) -> Float[Tensor, "S d_in n"]:
         """The encoders ``[S, d_in, n]``: a view of ``W_enc_t`` (writes go through)."""
         return self.W_enc_t.transpose(1, 2)
 
-    def scratch(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
-        """A buffer of ``shape`` kept between steps (uninitialised; valid until the next call with the same key)."""
+    def scratch(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, name: str = "pre") -> Tensor:
+        """A buffer ``name`` of ``shape`` kept between steps (uninitialised; valid until the next call with the same name)."""
         key = (tuple(shape), dtype, device)
-        if key not in self._scratch:
-            self._scratch = {key: torch.empty(shape, dtype=dtype, device=device)}  # one live buffer: shapes change rarely
-        return self._scratch[key]
+        held = self._scratch.get(name)
+        if held is None or held[0] != key:  # one live buffer per name: shapes change rarely
+            self._scratch[name] = held = (key, torch.empty(shape, dtype=dtype, device=device))
+        return held[1]
 
     @property
     def S(self) -> int:
@@ -213,9 +214,15 @@ def _centered_sum_sq(xc: Tensor) -> Tensor:
     return (torch.linalg.vecdot(xc, xc).double().sum(1) - B * mean.pow(2).sum(-1)).to(xc.dtype)
 
 
-def _pre_buffer(params: StackParams, x: Tensor) -> Tensor | None:
-    """The reused ``[S, B, n]`` pre-activation buffer on CPU (CUDA's caching allocator already reuses memory)."""
-    return None if x.is_cuda else params.scratch((*x.shape[:2], params.n_latents), params.W_enc.dtype, x.device)
+def _pre_buffers(params: StackParams, x: Tensor) -> dict[str, Tensor]:
+    """On CPU, reused buffers for :func:`saes.kernels.dense_pre_acts`: the ``[S, B, n]`` output and
+    its GEMM's bias-augmented operands ``[S, B, d + 1]`` and ``[S, n, d + 1]`` (CUDA's caching
+    allocator already reuses memory: nothing there)."""
+    if x.is_cuda:
+        return {}
+    (S, B, d), n, dt = x.shape, params.n_latents, params.W_enc.dtype
+    return {"out": params.scratch((S, B, n), dt, x.device),
+            "operands": (params.scratch((S, B, d + 1), dt, x.device, "x_aug"), params.scratch((S, n, d + 1), dt, x.device, "w_aug"))}
 
 
 def _batch_topk(params: StackParams, x: Tensor, xc: Tensor, cfg: StepConfig, attach: bool = True,
@@ -228,7 +235,7 @@ def _batch_topk(params: StackParams, x: Tensor, xc: Tensor, cfg: StepConfig, att
     the smallest kept activation are those of the global batch (collectives over the ranks).
     """
     n, (S, B, _) = params.n_latents, x.shape
-    pre = dense_pre_acts(x, params.W_enc, params.b_enc, params.b_dec, out=_pre_buffer(params, x), x_centered=xc)
+    pre = dense_pre_acts(x, params.W_enc, params.b_enc, params.b_dec, x_centered=xc, **_pre_buffers(params, x))
     per_token = min(n, cfg.max_k_per_token or 4 * cfg.k)
     top, indices = topk(pre, per_token)
     top = top.to(params.W_enc.dtype)
@@ -301,8 +308,8 @@ def sae_step_loss(
         first = torch.isnan(threshold)
         threshold = torch.where(first, smallest, threshold + cfg.threshold_momentum * (smallest - threshold))
     else:
-        values, indices, pre = encode_topk(x, params.W_enc, params.b_enc, params.b_dec, cfg.k, out=_pre_buffer(params, x), x_centered=xc,
-                                           attach=fused is None)
+        values, indices, pre = encode_topk(x, params.W_enc, params.b_enc, params.b_dec, cfg.k, x_centered=xc, attach=fused is None,
+                                           **_pre_buffers(params, x))
     if total_variance is None:
         total_variance = _centered_sum_sq(xc)
     assert total_variance.shape == (S,), f"total_variance must be [S]={S}, got {tuple(total_variance.shape)}"

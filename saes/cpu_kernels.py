@@ -13,6 +13,8 @@ torch would run as several ops (each a pass over memory with its own dispatch):
   entries per token), so unlike torch a non-finite row times a zero coefficient adds nothing
   rather than NaN;
 - gather-dot (gradient of the selected values): ``out[r, j] = dense[r] . table[rows[r, j]]``;
+- centred statistics (the FVU's denominator): per member, the float64 column sums and squared
+  norm of the batch in one pass;
 - row top-k, exact (same values as ``torch.topk``): the row is split into ``m = n / 8`` strided
   groups ``{g, g + m, ..., g + 7m}``. The smallest of the maxima of k blocks of group maxima is a
   bound with at least k group maxima above it, which keeps ~100 of the m maxima; a k-slot min-heap
@@ -40,7 +42,7 @@ from torch import Tensor
 
 from interp.compiled import AVAILABLE, FASTMATH, compiled_enabled_for, njit_cached, numba
 
-__all__ = ["AVAILABLE", "enabled_for", "gather_sum", "scatter_rows", "gather_dot", "topk_rows", "topk_supported"]
+__all__ = ["AVAILABLE", "enabled_for", "gather_sum", "scatter_rows", "gather_dot", "centered_stats", "topk_rows", "topk_supported"]
 
 _GROUPS = 8
 _MIN_WORK_PER_THREAD = 1 << 18  # multiply-adds (or row entries) below which one thread does it all
@@ -95,6 +97,22 @@ if numba is not None:
                 for t in range(d):
                     s += x[t] * w[t]
                 out[r, j] = s
+
+    @_jit
+    def _centered_stats(x, col_sum, sq_sum, s0, s1):
+        # float64 accumulation in one pass: col_sum[s] = sum_b x[s, b], sq_sum[s] = sum_b ||x[s, b]||^2
+        d = x.shape[2]
+        for s in range(s0, s1):
+            acc = col_sum[s]
+            acc[:] = 0
+            total = 0.0
+            for b in range(x.shape[1]):
+                row = x[s, b]
+                for t in range(d):
+                    v = np.float64(row[t])
+                    acc[t] += v
+                    total += v * v
+            sq_sum[s] = total
 
     @numba.njit(inline="always")
     def _sift_down(vals, idx, k, pos, v, i):
@@ -248,6 +266,16 @@ def gather_dot(dense: Tensor, rows: Tensor, table: Tensor) -> Tensor:
     x, t = dense.detach().contiguous(), table.detach().to(dense.dtype).contiguous()
     _run(_gather_dot, _parts(R * k * x.shape[1], R), R, x.numpy(), rows.contiguous().numpy(), t.numpy(), out.numpy())
     return out
+
+
+def centered_stats(x: Tensor) -> tuple[Tensor, Tensor]:
+    """``(sum over b of x[s, b] [S, d], sum over b of ||x[s, b]||^2 [S])`` of ``x`` ``[S, B, d]``, accumulated in float64
+    in one pass (torch's ``x.sum(1, dtype=torch.float64)`` first writes a float64 copy of ``x``)."""
+    S, _, d = x.shape
+    col_sum = torch.empty(S, d, dtype=torch.float64)
+    sq_sum = torch.empty(S, dtype=torch.float64)
+    _run(_centered_stats, 1, S, x.detach().contiguous().numpy(), col_sum.numpy(), sq_sum.numpy())
+    return col_sum, sq_sum
 
 
 def topk_supported(n: int, k: int) -> bool:

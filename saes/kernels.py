@@ -224,13 +224,16 @@ class SquaredError(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, decoded: Tensor, x_centered: Tensor, b_dec: Tensor) -> tuple[Tensor, Tensor]:
+        ctx.set_materialize_grads(False)  # the difference's gradient is never used: no zero-filled tensor for it
         diff = decoded - x_centered
         ctx.save_for_backward(diff)
         ctx.mark_non_differentiable(diff)
         return torch.linalg.vecdot(diff, diff).sum(1), diff
 
     @staticmethod
-    def backward(ctx, grad: Tensor, _grad_diff: Tensor | None) -> tuple[Tensor, None, Tensor]:
+    def backward(ctx, grad: Tensor | None, _grad_diff: Tensor | None) -> tuple[Tensor | None, None, Tensor | None]:
+        if grad is None:
+            return None, None, None
         (diff,) = ctx.saved_tensors
         grad_decoded = diff * (2 * grad).view(-1, 1, 1)
         return grad_decoded, None, grad_decoded.sum(1)

@@ -321,8 +321,11 @@ def test_checkpoint_tensors_round_trip_and_old_layout_is_a_user_error():
 
 
 @pytest.mark.parametrize("offset", [0.0, 100.0])
-def test_variance_from_centered_inputs_is_accurate_in_float32(offset):
+@pytest.mark.parametrize("numba", ["1", "0"])  # the compiled one-pass statistics and the torch ops
+def test_variance_from_centered_inputs_is_accurate_in_float32(offset, numba, monkeypatch):
     from saes.step import _centered_sum_sq
+
+    monkeypatch.setenv("INTERP_NUMBA", numba)
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 4096, 576, generator=g, dtype=torch.float64) * torch.rand(576, generator=g, dtype=torch.float64) + offset

@@ -213,7 +213,10 @@ def saelens_run(python: str, n: int, args: argparse.Namespace, data_sha: str) ->
     if f"raw data sha256 {data_sha}" not in proc.stdout:
         print(f"  sae-lens saw other data (expected raw data sha256 {data_sha}); not compared")
         return None
-    line = next(line for line in proc.stdout.splitlines() if line.strip().startswith("sae-lens ") and "per CPU-s" in line)
+    line = next((line for line in proc.stdout.splitlines() if line.strip().startswith("sae-lens ") and "per CPU-s" in line), None)
+    if line is None:
+        print("  sae-lens printed no result line; not compared")
+        return None
     print(line, flush=True)
     wall, cpu = (float(v.replace(",", "")) for v in re.findall(r"([\d,]+) (?:samples/s|per CPU-s)", line))
     return wall, cpu

@@ -140,7 +140,7 @@ def kth_largest_over_ranks(values: Float[Tensor, "S L"], kth: int, world: int) -
     only its own top ``min(kth, L)``: the ``kth`` largest of their union is the global one. Every
     rank holds the same ``L``; ``kth <= world * L``.
     """
-    local = values.topk(min(kth, values.shape[1]), dim=1, sorted=False).values.contiguous()
+    local = values.contiguous() if kth >= values.shape[1] else values.topk(kth, dim=1, sorted=False).values.contiguous()
     if world > 1:
         parts = [torch.empty_like(local) for _ in range(world)]
         dist.all_gather(parts, local)

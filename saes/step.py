@@ -220,7 +220,8 @@ def _centered_sum_sq(xc: Tensor) -> Tensor:
 def _pre_buffers(params: StackParams, x: Tensor) -> dict[str, Tensor]:
     """On CPU, reused buffers for :func:`saes.kernels.dense_pre_acts`: the ``[S, B, n]`` output and
     its GEMM's bias-augmented operands ``[S, B, d + 1]`` and ``[S, n, d + 1]`` (CUDA's caching
-    allocator already reuses memory: nothing there)."""
+    allocator already reuses memory: nothing there). The encoder's augmented copy stays allocated
+    between steps: one more ``S * n * (d + 1)`` floats of memory on CPU."""
     if x.is_cuda:
         return {}
     (S, B, d), n, dt = x.shape, params.n_latents, params.W_enc.dtype

@@ -94,6 +94,37 @@ def test_kth_largest_over_ranks_in_one_process_is_the_kth_largest():
         assert torch.equal(kth_largest_over_ranks(values, kth, world=1), want), kth
 
 
+def _kth_worker(rank: int, world: int, port: int, cases: list, results) -> None:
+    import torch.distributed as dist
+
+    from saes.distributed import kth_largest_over_ranks
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        results[rank] = [kth_largest_over_ranks(values.chunk(world, dim=1)[rank], kth, world) for values, kth in cases]
+    finally:
+        dist.destroy_process_group()
+
+
+def test_kth_largest_over_two_gloo_ranks_is_the_global_kth_largest():
+    """Each rank holds half of every row; the result is the kth largest of the whole row, with kth below and above a rank's share."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    gen = torch.Generator().manual_seed(3)
+    values = torch.randint(0, 6, (3, 20), generator=gen).float()  # many ties
+    cases = [(values, kth) for kth in (1, 4, 10, 13, 20)]  # a rank holds 10 per row
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    results = mp.Manager().dict()
+    mp.spawn(_kth_worker, args=(2, port, cases, results), nprocs=2, join=True)
+    for rank in (0, 1):
+        for (v, kth), got in zip(cases, results[rank]):
+            assert torch.equal(got, v.sort(dim=1, descending=True).values[:, kth - 1]), (rank, kth)
+
+
 # shard ranks run the single-process math on the same rows: equal up to stacking order.
 # ddp with per-token TopK: each rank divides by the global batch's variance and gradients are summed,
 # so ranks compute the single-process gradient up to float summation order (measured: weights within

@@ -59,14 +59,15 @@ DEVICE = torch.device("cpu")
 ENC_INIT_SCALE = DEFAULT_ENC_INIT_SCALE
 
 
-def matmul_flops(batch: int, d_in: int, n: int, repeats: int = 3, reuse_output: bool = False) -> tuple[float, float]:
+def matmul_flops(batch: int, d_in: int, n: int, repeats: int = 3, reuse_output: bool = False,
+                 dtype: torch.dtype | None = None) -> tuple[float, float]:
     """FLOP/s of the encoder GEMM ``[batch, d] @ [d, n]`` (fp32 on CPU, bf16 on CUDA): (per wall second, per CPU-second).
 
     By default each product gets a fresh output, as the roofline was measured from the start; on
     CPU that output's first-touch page faults are part of the time. ``reuse_output`` writes into
     one buffer instead: the GEMM's own speed (on this 2-core Xeon, 167 vs 134-145 GFLOP/s at n 4,096).
     """
-    dt = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
+    dt = dtype or (torch.bfloat16 if DEVICE.type == "cuda" else torch.float32)
     a, b = torch.randn(batch, d_in, device=DEVICE, dtype=dt), torch.randn(d_in, n, device=DEVICE, dtype=dt)
     out = (a @ b) if reuse_output else None
     reps = 20 if DEVICE.type == "cuda" else 1
@@ -99,11 +100,11 @@ def _autocast():
     return torch.autocast("cuda", dtype=torch.bfloat16) if DEVICE.type == "cuda" else contextlib.nullcontext()
 
 
-def ours(d_in, n, k, data, sample):
+def ours(d_in, n, k, data, sample, cpu_bf16_encoder=False):
     """Our stacked sparse step with S = 1; returns (step fn, reconstruct fn)."""
     params = init_stack(1, d_in, n, sample=sample[None].cpu(), seed=0, enc_init_scale=ENC_INIT_SCALE).to(DEVICE)
     state = [init_state(1, n, device=DEVICE)]
-    cfg = StepConfig(k=k)
+    cfg = StepConfig(k=k, cpu_bf16_encoder=cpu_bf16_encoder)
     opt = torch.optim.Adam(params.parameters(), lr=2e-4 / (n / 2**14) ** 0.5, fused=True)
 
     def step(x):
@@ -234,6 +235,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (allocations, Triton compiles)")
     parser.add_argument("--profile", action="store_true", help="print our step's operator profile per size")
+    parser.add_argument("--cpu-bf16", action="store_true", help="also time ours with the bf16 encoder GEMM on CPU (fast with AMX-BF16)")
     parser.add_argument("--saelens-python", default=None, help="python of a venv with sae-lens: also run benchmarks/saelens_train.py on the same data")
     parser.add_argument("--enc-init-scale", type=float, default=DEFAULT_ENC_INIT_SCALE, help="ours and dense: W_enc = s * W_dec^T at init (default 1/sqrt(3), as sparsify; 1: exact transpose)")
     args = parser.parse_args()
@@ -252,6 +254,8 @@ def main() -> None:
     print(f"threads {torch.get_num_threads()}, d_in {d}, k {k}, batch {B}, {args.steps} timed steps, inputs scaled by {scale:.4f}, "
           f"raw data sha256 {data_sha}")
     impls = {"ours": ours, "sparsify": sparsify_coder, "dense": dense_reference}
+    if args.cpu_bf16 and DEVICE.type == "cpu":
+        impls = {"ours": ours, "ours-bf16": lambda *a: ours(*a, cpu_bf16_encoder=True), "sparsify": sparsify_coder, "dense": dense_reference}
     for n in args.latents:
         flops, flops_cpu = matmul_flops(B, d, n)
         _, reused_cpu = matmul_flops(B, d, n, reuse_output=True)
@@ -277,13 +281,18 @@ def main() -> None:
             print(f"  {name:9s} {sps:8,.0f} samples/s, roofline {2 * d * n * sps / flops:6.1%} | {sps_cpu:8,.0f} per CPU-s, "
                   f"roofline {2 * d * n * sps_cpu / flops_cpu:6.1%} ({2 * d * n * sps_cpu / reused_cpu:5.1%} of the reused-output GEMM) | "
                   f"held-out FVU {held:.4f}", flush=True)
+            if name == "ours-bf16":  # its own roofline: the bf16 GEMM (AMX where the CPU has it)
+                _, bf16_cpu = matmul_flops(B, d, n, reuse_output=True, dtype=torch.bfloat16)
+                print(f"            (bf16 GEMM {bf16_cpu / 1e9:.1f} GFLOP/s per CPU-second into a reused output: "
+                      f"ours-bf16 at {2 * d * n * sps_cpu / bf16_cpu:.1%} of it)")
         if args.saelens_python and DEVICE.type == "cpu":
             found = saelens_run(args.saelens_python, n, args, data_sha)
             if found is not None:
                 results["sae-lens"] = found
-        for other in ("sparsify", "sae-lens", "dense"):
-            if "ours" in results and other in results:
-                print(f"  ours / {other}: {results['ours'][0] / results[other][0]:.2f}x wall, {results['ours'][1] / results[other][1]:.2f}x per CPU-s")
+        for mine in ("ours", "ours-bf16"):
+            for other in ("sparsify", "sae-lens", "dense"):
+                if mine in results and other in results:
+                    print(f"  {mine} / {other}: {results[mine][0] / results[other][0]:.2f}x wall, {results[mine][1] / results[other][1]:.2f}x per CPU-s")
 
 
 if __name__ == "__main__":

@@ -124,6 +124,8 @@ class StepConfig:
     """BatchTopK: weight of the newest batch in the running threshold."""
     max_k_per_token: int | None = None
     """BatchTopK: most latents one token may use (candidates per token); None means ``4 * k``."""
+    cpu_bf16_encoder: bool = False
+    """CPU: the dense encoder GEMM in bf16 (CUDA always runs it in bf16); fast on CPUs with AMX-BF16."""
 
 
 def init_state(S: int, n_latents: int, device: str | torch.device | None = None) -> StepState:
@@ -217,16 +219,20 @@ def _centered_sum_sq(xc: Tensor) -> Tensor:
     return (torch.linalg.vecdot(xc, xc).double().sum(1) - B * mean.pow(2).sum(-1)).to(xc.dtype)
 
 
-def _pre_buffers(params: StackParams, x: Tensor) -> dict[str, Tensor]:
+def _pre_buffers(params: StackParams, x: Tensor, cfg: StepConfig) -> dict[str, Tensor]:
     """On CPU, reused buffers for :func:`saes.kernels.dense_pre_acts`: the ``[S, B, n]`` output and
     its GEMM's bias-augmented operands ``[S, B, d + 1]`` and ``[S, n, d + 1]`` (CUDA's caching
     allocator already reuses memory: nothing there). The encoder's augmented copy stays allocated
-    between steps: one more ``S * n * (d + 1)`` floats of memory on CPU."""
+    between steps: one more ``S * n * (d + 1)`` floats of memory on CPU. With
+    ``cfg.cpu_bf16_encoder`` the operands are bf16 and a bf16 ``[S, B, n]`` GEMM output comes third."""
     if x.is_cuda:
         return {}
     (S, B, d), n, dt = x.shape, params.n_latents, params.W_enc.dtype
-    return {"out": params.scratch((S, B, n), dt, x.device),
-            "operands": (params.scratch((S, B, d + 1), dt, x.device, "x_aug"), params.scratch((S, n, d + 1), dt, x.device, "w_aug"))}
+    gemm = torch.bfloat16 if cfg.cpu_bf16_encoder else dt
+    operands = (params.scratch((S, B, d + 1), gemm, x.device, "x_aug"), params.scratch((S, n, d + 1), gemm, x.device, "w_aug"))
+    if cfg.cpu_bf16_encoder:
+        operands += (params.scratch((S, B, n), gemm, x.device, "pre_bf16"),)
+    return {"out": params.scratch((S, B, n), dt, x.device), "operands": operands}
 
 
 def _batch_topk(params: StackParams, x: Tensor, xc: Tensor, cfg: StepConfig, attach: bool = True,
@@ -239,7 +245,7 @@ def _batch_topk(params: StackParams, x: Tensor, xc: Tensor, cfg: StepConfig, att
     the smallest kept activation are those of the global batch (collectives over the ranks).
     """
     n, (S, B, _) = params.n_latents, x.shape
-    pre = dense_pre_acts(x, params.W_enc, params.b_enc, params.b_dec, x_centered=xc, **_pre_buffers(params, x))
+    pre = dense_pre_acts(x, params.W_enc, params.b_enc, params.b_dec, x_centered=xc, **_pre_buffers(params, x, cfg))
     per_token = min(n, cfg.max_k_per_token or 4 * cfg.k)
     top, indices = topk(pre, per_token)
     top = top.to(params.W_enc.dtype)
@@ -313,7 +319,7 @@ def sae_step_loss(
         threshold = torch.where(first, smallest, threshold + cfg.threshold_momentum * (smallest - threshold))
     else:
         values, indices, pre = encode_topk(x, params.W_enc, params.b_enc, params.b_dec, cfg.k, x_centered=xc, attach=fused is None,
-                                           **_pre_buffers(params, x))
+                                           **_pre_buffers(params, x, cfg))
     if total_variance is None:
         total_variance = _centered_sum_sq(xc)
     assert total_variance.shape == (S,), f"total_variance must be [S]={S}, got {tuple(total_variance.shape)}"

@@ -81,7 +81,7 @@ def test_config_validation_and_schedule():
     # enc_init_scale = 1.0 (the only value before the option existed) leaves fingerprints as they were then
     old = _cfg(n_tokens=100 * 64, warmup_frac=0.1, decay_frac=0.2, enc_init_scale=1.0)
     plain = {key: value for key, value in old.to_dict().items() if key not in ("checkpoint_every", "log_every", "keep_checkpoints", "device",
-                                                                                "progress", "enc_init_scale")}
+                                                                                "progress", "enc_init_scale", "cpu_bf16_encoder")}
     assert old.fingerprint() == hashlib.sha256(json.dumps(plain, sort_keys=True).encode()).hexdigest()[:16]
     assert cfg.enc_init_scale == pytest.approx(0.57735) and len({cfg.fingerprint(), old.fingerprint(),
                                                                  _cfg(n_tokens=100 * 64, warmup_frac=0.1, decay_frac=0.2, enc_init_scale=0.58).fingerprint()}) == 3
@@ -339,3 +339,13 @@ def test_cli_trains_live_from_a_local_model_directory(tmp_path):
     import saes as saes_pkg
 
     _assert_same(_weights({"cli": saes_pkg.load(tmp_path / "cli" / sae_name(hook, 16, 2))}), _weights({"cli": library[sae_name(hook, 16, 2)]}))
+
+
+def test_cli_cpu_bf16_encoder_is_recorded_and_changes_the_fingerprint(store, tmp_path):
+    common = ["--acts", str(store.path), "--hook", HOOKS[0], "--tokens", "128", "--batch-size", "64", "--no-progress",
+              "--latents", "32", "--k", "4", "--checkpoint-every", "0"]
+    result = _cli(*common, "--cpu-bf16-encoder", "--out", str(tmp_path / "bf16"))
+    assert result.exit_code == 0, result.output
+    cfg = TrainConfig.from_toml(tmp_path / "bf16" / "config.toml")
+    assert cfg.cpu_bf16_encoder is True
+    assert cfg.fingerprint() != TrainConfig.from_dict({**cfg.to_dict(), "cpu_bf16_encoder": False}).fingerprint()

@@ -33,6 +33,7 @@ def train_sae(
     dead_tokens: int = typer.Option(10_000_000, "--dead-tokens", help="A latent that has not fired for this many tokens is dead (AuxK, dead_fraction)."),
     seed: int = typer.Option(0, "--seed", help="Seed for initialisation and row order."),
     enc_init_scale: float = typer.Option(3 ** -0.5, "--enc-init-scale", help="Encoder init W_enc = s * W_dec^T (default 1/sqrt(3): Gao et al.'s reference code and sparsify; 1: exact transpose)."),
+    cpu_bf16_encoder: bool = typer.Option(False, "--cpu-bf16-encoder", help="CPU: encoder GEMM in bf16 (as on CUDA); fast on CPUs with AMX-BF16 (Xeon Sapphire Rapids and later), slow elsewhere."),
     device: str | None = typer.Option(None, "--device", help="Torch device (default: CUDA if available, else CPU)."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow a local/hub model to run its own Python code (off by default; only for models you trust)."),
     log_every: int = typer.Option(10, "--log-every", help="Steps between metrics.jsonl rows."),
@@ -47,7 +48,7 @@ def train_sae(
     if (acts is None) == (model is None):
         raise UserError("pass exactly one data source: --acts DIR (stored activations) or --model NAME (live)")
     cfg = TrainConfig(hooks=hook, settings=list(zip(latents, k)), n_tokens=tokens, batch_size=batch_size, lr=lr,
-                      dist=dist, checkpoint_every=checkpoint_every, batch_topk=batch_topk, auxk=auxk, dead_tokens_threshold=dead_tokens, seed=seed, enc_init_scale=enc_init_scale,
+                      dist=dist, checkpoint_every=checkpoint_every, batch_topk=batch_topk, auxk=auxk, dead_tokens_threshold=dead_tokens, seed=seed, enc_init_scale=enc_init_scale, cpu_bf16_encoder=cpu_bf16_encoder,
                       device=device, log_every=log_every, corpus=corpus, progress=progress)
     cfg.validate()
     if acts is not None:

@@ -42,7 +42,7 @@ from torch import Tensor
 
 from interp.compiled import AVAILABLE, FASTMATH, compiled_enabled_for, njit_cached, numba
 
-__all__ = ["AVAILABLE", "enabled_for", "gather_sum", "scatter_rows", "gather_dot", "centered_stats", "topk_rows", "topk_supported"]
+__all__ = ["AVAILABLE", "enabled_for", "topk_enabled_for", "gather_sum", "scatter_rows", "gather_dot", "centered_stats", "topk_rows", "topk_supported"]
 
 _GROUPS = 8
 _MIN_WORK_PER_THREAD = 1 << 18  # multiply-adds (or row entries) below which one thread does it all
@@ -51,6 +51,13 @@ _MIN_WORK_PER_THREAD = 1 << 18  # multiply-adds (or row entries) below which one
 def enabled_for(t: Tensor) -> bool:
     """Whether ``t`` should use these kernels: a CPU tensor of float32 or float64, Numba imports and
     ``INTERP_NUMBA != "0"``."""
+    return compiled_enabled_for(t)
+
+
+def topk_enabled_for(t: Tensor) -> bool:
+    """:func:`enabled_for`, or a bf16 CPU tensor under the same switches (:func:`topk_rows` reads its bits)."""
+    if t.dtype == torch.bfloat16:
+        return AVAILABLE and os.environ.get("INTERP_NUMBA", "1") != "0" and t.device.type == "cpu"
     return compiled_enabled_for(t)
 
 
@@ -144,54 +151,87 @@ if numba is not None:
             if v > out_v[0]:
                 _sift_down(out_v, out_i, k, 0, v, idx[j])
 
+    @numba.njit(inline="always")
+    def _row_top_k(row, k, group_max, cand_v, cand_i, heap_v, heap_i, out_v, out_i):
+        """The k largest of ``row`` into ``out_v``/``out_i`` (see the module docstring); False when the
+        row holds a NaN or too few candidates (the caller leaves it to ``torch.topk``)."""
+        m = row.shape[0] // _GROUPS
+        block = m // k  # k blocks of group maxima for the first bound (m >= 2k)
+        for j in range(m):
+            group_max[j] = row[j]
+        for g in range(1, _GROUPS):
+            off = g * m
+            for j in range(m):
+                a = group_max[j]
+                b = row[off + j]
+                group_max[j] = a if (a > b or a != a) else b  # a NaN member makes the maximum NaN
+        bound = group_max[0]
+        for blk in range(k):
+            bm = group_max[blk * block]
+            for j in range(blk * block + 1, (blk + 1) * block):
+                bm = max(bm, group_max[j])
+            bound = bm if blk == 0 else min(bound, bm)
+        count = 0
+        nan = False
+        for j in range(m):  # branch-free compaction of the maxima >= bound
+            v = group_max[j]
+            nan |= v != v
+            cand_v[count] = v
+            cand_i[count] = j
+            count += v >= bound
+        if nan or count < k:
+            return False
+        _heap_top_k(cand_v, cand_i, 0, count, k, heap_v, heap_i)
+        kth = heap_v[0]
+        count = 0
+        for a in range(k):
+            for g in range(_GROUPS):
+                p = heap_i[a] + g * m
+                v = row[p]
+                cand_v[count] = v
+                cand_i[count] = p
+                count += v >= kth
+        _heap_top_k(cand_v, cand_i, 0, count, k, out_v, out_i)
+        return True
+
     @njit_cached(nogil=True, boundscheck=False)
     def _topk_rows(x, k, out_v, out_i, fallback, r0, r1):
-        n = x.shape[1]
-        m = n // _GROUPS
-        block = m // k  # k blocks of group maxima for the first bound (m >= 2k)
+        m = x.shape[1] // _GROUPS
         group_max = np.empty(m, dtype=x.dtype)
         cand_v = np.empty(m + _GROUPS * k, dtype=x.dtype)
         cand_i = np.empty(m + _GROUPS * k, dtype=np.int64)
         heap_v = np.empty(k, dtype=x.dtype)
         heap_i = np.empty(k, dtype=np.int64)
         for r in range(r0, r1):
-            row = x[r]
-            for j in range(m):
-                group_max[j] = row[j]
-            for g in range(1, _GROUPS):
-                off = g * m
-                for j in range(m):
-                    a = group_max[j]
-                    b = row[off + j]
-                    group_max[j] = a if (a > b or a != a) else b  # a NaN member makes the maximum NaN
-            bound = np.inf
-            for blk in range(k):
-                bm = group_max[blk * block]
-                for j in range(blk * block + 1, (blk + 1) * block):
-                    bm = max(bm, group_max[j])
-                bound = min(bound, bm)
-            count = 0
+            fallback[r] = not _row_top_k(x[r], k, group_max, cand_v, cand_i, heap_v, heap_i, out_v[r], out_i[r])
+
+    @njit_cached(nogil=True, boundscheck=False)
+    def _topk_rows_bf16(bits, k, out_bits, out_i, fallback, r0, r1):
+        # bf16 rows read as int16 bit patterns, ranked through order-preserving int32 keys (the bits of
+        # a non-negative float, bits ^ 0x7FFF for a negative one); rows with a NaN of either sign
+        # (which the keys would misplace) are left to torch.topk.
+        n = bits.shape[1]
+        m = n // _GROUPS
+        keys = np.empty(n, dtype=np.int32)
+        group_max = np.empty(m, dtype=np.int32)
+        cand_v = np.empty(m + _GROUPS * k, dtype=np.int32)
+        cand_i = np.empty(m + _GROUPS * k, dtype=np.int64)
+        heap_v = np.empty(k, dtype=np.int32)
+        heap_i = np.empty(k, dtype=np.int64)
+        out_v = np.empty(k, dtype=np.int32)
+        for r in range(r0, r1):
+            row = bits[r]
             nan = False
-            for j in range(m):  # branch-free compaction of the maxima >= bound
-                v = group_max[j]
-                nan |= v != v
-                cand_v[count] = v
-                cand_i[count] = j
-                count += v >= bound
-            if nan or count < k:
+            for j in range(n):
+                b = np.int32(row[j])
+                nan |= (b & 0x7FFF) > 0x7F80
+                keys[j] = b if b >= 0 else b ^ 0x7FFF
+            if nan or not _row_top_k(keys, k, group_max, cand_v, cand_i, heap_v, heap_i, out_v, out_i[r]):
                 fallback[r] = True
                 continue
-            _heap_top_k(cand_v, cand_i, 0, count, k, heap_v, heap_i)
-            kth = heap_v[0]
-            count = 0
             for a in range(k):
-                for g in range(_GROUPS):
-                    p = heap_i[a] + g * m
-                    v = row[p]
-                    cand_v[count] = v
-                    cand_i[count] = p
-                    count += v >= kth
-            _heap_top_k(cand_v, cand_i, 0, count, k, out_v[r], out_i[r])
+                v = out_v[a]
+                out_bits[r, a] = v if v >= 0 else v ^ 0x7FFF
 
 
 _pool: ThreadPoolExecutor | None = None
@@ -291,6 +331,7 @@ def topk_rows(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
     Exact: the same values as ``torch.topk`` (among ties at the k-th value, possibly other indices,
     and a tie of zeros may return ``+0.0`` where torch returns ``-0.0``). No autograd: the values
     carry no gradient (:func:`saes.kernels.topk` sends rows that require one to ``torch.topk``).
+    float32, float64 and bf16 rows (bf16: the bf16 encoder's pre-activations, read as bit patterns).
     """
     n = x.shape[-1]
     assert topk_supported(n, k) and x.is_contiguous(), (n, k)
@@ -299,7 +340,11 @@ def topk_rows(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
     values = torch.empty(R, k, dtype=x.dtype)
     indices = torch.empty(R, k, dtype=torch.int64)
     fallback = torch.zeros(R, dtype=torch.bool)
-    _run(_topk_rows, _parts(R * n, R), R, rows.detach().numpy(), k, values.numpy(), indices.numpy(), fallback.numpy())
+    if x.dtype == torch.bfloat16:
+        _run(_topk_rows_bf16, _parts(R * n, R), R, rows.detach().view(torch.int16).numpy(), k, values.view(torch.int16).numpy(),
+             indices.numpy(), fallback.numpy())
+    else:
+        _run(_topk_rows, _parts(R * n, R), R, rows.detach().numpy(), k, values.numpy(), indices.numpy(), fallback.numpy())
     if bool(fallback.any()):
         bad = fallback.nonzero().squeeze(1)
         values[bad], indices[bad] = rows[bad].topk(k, dim=-1, sorted=False)

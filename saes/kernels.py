@@ -47,6 +47,13 @@ def _numba_for(*tensors: Tensor):
     return cpu_kernels if all(cpu_kernels.enabled_for(t) for t in tensors) else None
 
 
+def _numba_topk_for(x: Tensor):
+    """:mod:`saes.cpu_kernels` for CPU rows its top-k takes (float32, float64, bf16); else None."""
+    from saes import cpu_kernels
+
+    return cpu_kernels if cpu_kernels.topk_enabled_for(x) else None
+
+
 def topk(x: Float[Tensor, "... n"], k: int) -> tuple[Tensor, Int[Tensor, "... k"]]:
     """The k largest entries of each row and their indices, in no particular order.
 
@@ -62,7 +69,7 @@ def topk(x: Float[Tensor, "... n"], k: int) -> tuple[Tensor, Int[Tensor, "... k"
         return tk.topk_rows(x, k)
     n = x.shape[-1]
     if not x.is_cuda and x.is_contiguous():
-        if not x.requires_grad and (ck := _numba_for(x)) is not None and ck.topk_supported(n, k):
+        if not x.requires_grad and (ck := _numba_topk_for(x)) is not None and ck.topk_supported(n, k):
             return ck.topk_rows(x, k)
         if 0 < k and n % _GROUPS == 0 and n >= 64 * k:
             return _grouped_topk(x, k)
@@ -270,7 +277,7 @@ def _gemm_with_bias(x: Tensor, W: Tensor, bias: Tensor) -> Tensor:
 def dense_pre_acts(
     x: Float[Tensor, "S B d"], W_enc: Float[Tensor, "S d n"], b_enc: Float[Tensor, "S n"], b_dec: Float[Tensor, "S d"],
     out: Float[Tensor, "S B n"] | None = None, x_centered: Float[Tensor, "S B d"] | None = None,
-    operands: tuple[Tensor, ...] | None = None,
+    operands: tuple[Float[Tensor, "S B d+1"], Float[Tensor, "S n d+1"]] | None = None,
 ) -> Float[Tensor, "S B n"]:
     """``(x - b_dec) @ W_enc + b_enc`` without autograd, as one batched GEMM with a fused bias.
 
@@ -282,8 +289,8 @@ def dense_pre_acts(
     with ``x_centered`` and ``operands`` (reused ``[S, B, d + 1]`` and ``[S, n, d + 1]`` buffers),
     the bias rides in the GEMM as one more input column of ones: ``baddbmm`` would first write the
     broadcast bias over the whole output (one thread, n 4,096, batch 4,096: 118 + 2.2 ms to build
-    the operands vs 126 ms; n 16,384: 478 + 9.4 vs 507 ms). bf16 operands plus a third, bf16
-    ``[S, B, n]`` buffer run the GEMM in bf16 (AMX: 15 vs 118 ms) and widen its output into ``out``.
+    the operands vs 126 ms; n 16,384: 478 + 9.4 vs 507 ms). bf16 operands and ``out`` run the GEMM
+    in bf16 (with AMX: 15 vs 118 ms) and return bf16 pre-activations, as on CUDA.
     """
     with torch.no_grad():
         if x.is_cuda:
@@ -297,16 +304,13 @@ def dense_pre_acts(
                 bias, inp = b_enc - torch.bmm(b_dec.unsqueeze(1), W_enc).squeeze(1), x
             return _gemm_with_bias(inp.to(dt), W, bias.to(dt))
         if x_centered is not None and operands is not None:
-            x_aug, w_aug, *gemm_out = operands
+            x_aug, w_aug = operands
             d = x.shape[-1]
             x_aug[..., :d] = x_centered
             x_aug[..., d] = 1
             w_aug[..., :d] = W_enc.mT
             w_aug[..., d] = b_enc
-            if not gemm_out:
-                return torch.bmm(x_aug, w_aug.mT, out=out)
-            low = torch.bmm(x_aug, w_aug.mT, out=gemm_out[0])
-            return low.to(W_enc.dtype) if out is None else out.copy_(low)
+            return torch.bmm(x_aug, w_aug.mT, out=out)
         bias = (b_enc - torch.bmm(b_dec.unsqueeze(1), W_enc).squeeze(1)).unsqueeze(1)
         return torch.baddbmm(bias, x.to(W_enc.dtype), W_enc, out=out)
 
@@ -314,7 +318,7 @@ def dense_pre_acts(
 def encode_topk(
     x: Float[Tensor, "S B d"], W_enc: Float[Tensor, "S d n"], b_enc: Float[Tensor, "S n"], b_dec: Float[Tensor, "S d"], k: int,
     out: Float[Tensor, "S B n"] | None = None, x_centered: Float[Tensor, "S B d"] | None = None, attach: bool = True,
-    operands: tuple[Tensor, ...] | None = None,
+    operands: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Float[Tensor, "S B k"], Int[Tensor, "S B k"], Float[Tensor, "S B n"]]:
     """TopK encoder: ``(ReLU of the k largest pre-activations, their indices, all pre-activations)``.
 

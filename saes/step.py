@@ -224,15 +224,14 @@ def _pre_buffers(params: StackParams, x: Tensor, cfg: StepConfig) -> dict[str, T
     its GEMM's bias-augmented operands ``[S, B, d + 1]`` and ``[S, n, d + 1]`` (CUDA's caching
     allocator already reuses memory: nothing there). The encoder's augmented copy stays allocated
     between steps: one more ``S * n * (d + 1)`` floats of memory on CPU. With
-    ``cfg.cpu_bf16_encoder`` the operands are bf16 and a bf16 ``[S, B, n]`` GEMM output comes third."""
+    ``cfg.cpu_bf16_encoder`` all three are bf16: the GEMM runs in bf16 and the pre-activations stay
+    bf16 (the CPU top-k reads them as bit patterns; the selected values are widened)."""
     if x.is_cuda:
         return {}
-    (S, B, d), n, dt = x.shape, params.n_latents, params.W_enc.dtype
-    gemm = torch.bfloat16 if cfg.cpu_bf16_encoder else dt
-    operands = (params.scratch((S, B, d + 1), gemm, x.device, "x_aug"), params.scratch((S, n, d + 1), gemm, x.device, "w_aug"))
-    if cfg.cpu_bf16_encoder:
-        operands += (params.scratch((S, B, n), gemm, x.device, "pre_bf16"),)
-    return {"out": params.scratch((S, B, n), dt, x.device), "operands": operands}
+    (S, B, d), n = x.shape, params.n_latents
+    dt = torch.bfloat16 if cfg.cpu_bf16_encoder else params.W_enc.dtype
+    return {"out": params.scratch((S, B, n), dt, x.device),
+            "operands": (params.scratch((S, B, d + 1), dt, x.device, "x_aug"), params.scratch((S, n, d + 1), dt, x.device, "w_aug"))}
 
 
 def _batch_topk(params: StackParams, x: Tensor, xc: Tensor, cfg: StepConfig, attach: bool = True,

@@ -124,6 +124,33 @@ def test_cpu_grouped_topk_equals_torch_topk(case, n, k, cpu_backend):
     assert topk(x, k)[1].shape == indices.shape
 
 
+@pytest.mark.parametrize("case", ["random", "ties", "signed_zeros", "masked", "nan", "negative_nan"])
+@pytest.mark.parametrize("n,k", [(4096, 32), (2048, 1), (1024, 16), (4096, 256)])
+def test_cpu_topk_of_bf16_rows_equals_torch_topk(case, n, k, cpu_backend):
+    """bf16 rows (the bf16 encoder's pre-activations): the compiled kernel reads their bits; torch's values, at valid indices."""
+    gen = torch.Generator().manual_seed(n + k + 1)
+    x = torch.randn(2, 3, n, generator=gen)
+    if case == "ties":
+        x[..., ::5] = 0.5
+    elif case == "signed_zeros":  # few distinct values: zeros of both signs tie with each other
+        x = x.round()
+        x[..., ::3] = -x[..., ::3]
+    elif case == "masked":
+        x = x.masked_fill(torch.rand(x.shape, generator=gen) > 0.01, -float("inf"))
+    elif case == "nan":
+        x[0, 0, 7] = float("nan")
+    elif case == "negative_nan":  # a NaN with the sign bit set: torch still ranks it first
+        x[1, 2, 9] = -float("nan")
+    x = x.bfloat16()
+    want = x.float().topk(k, dim=-1).values.sort(-1).values.nan_to_num()
+    runs = [topk(x, k)] + ([cpu_kernels.topk_rows(x, k)] if cpu_backend == "numba" else [])
+    for values, indices in runs:
+        assert values.dtype == torch.bfloat16
+        assert torch.equal(values.float().sort(-1).values.nan_to_num(), want)
+        assert torch.equal(x.gather(-1, indices).float().nan_to_num(), values.float().nan_to_num())
+        assert (indices.sort(-1).values.diff(dim=-1) > 0).all()  # k distinct positions
+
+
 def test_compiled_kernels_split_over_threads_give_the_same_bits():
     """With 2 threads the work is split (rows, or output rows for the scatter): the bits equal 1 thread's, and a dense reference."""
     S, B, d, n, k = 2, 512, 64, 4096, 16

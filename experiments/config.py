@@ -101,6 +101,8 @@ class SAEConfig:
     """AuxK loss on dead latents."""
     enc_init_scale: float = 3 ** -0.5  # saes.step.DEFAULT_ENC_INIT_SCALE (not imported: config parsing stays torch-free)
     """Encoder init W_enc = enc_init_scale * W_dec^T (default 1/sqrt(3): Gao et al.'s reference code and eai-sparsify; 1: exact transpose)."""
+    cpu_bf16_encoder: bool = False
+    """CPU: encoder GEMM in bf16 (as on CUDA); fast on CPUs with AMX-BF16, slow elsewhere."""
     checkpoint_every: int = 200
     """Steps between atomic checkpoints."""
 

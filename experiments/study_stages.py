@@ -41,7 +41,7 @@ def build(cfg: StudyConfig, model: Any, log: Callable[[dict], None], progress: b
         tcfg = saes.TrainConfig(
             hooks=list(h.hooks), settings=[(x.n_latents, x.k) for x in s.settings], n_tokens=s.n_tokens,
             batch_size=s.batch_size, lr=s.lr or None, seed=cfg.seed, batch_topk=s.batch_topk, auxk=s.auxk,
-            enc_init_scale=s.enc_init_scale, checkpoint_every=s.checkpoint_every, progress=progress,
+            enc_init_scale=s.enc_init_scale, cpu_bf16_encoder=s.cpu_bf16_encoder, checkpoint_every=s.checkpoint_every, progress=progress,
         )
         trained = saes.train(results["harvest"].directory / "store", tcfg, directory / "saes")
         rows = saes.read_metrics(directory / "saes" / "metrics.jsonl")
@@ -146,6 +146,8 @@ def build(cfg: StudyConfig, model: Any, log: Callable[[dict], None], progress: b
         # enc_init_scale joined [sae] later, at 1.0 (the default then): runs made at 1.0 keep their stage keys.
         if plain[2].get("enc_init_scale") == 1.0:
             del plain[2]["enc_init_scale"]
+        if not plain[2].get("cpu_bf16_encoder"):  # likewise for runs from before that option
+            plain[2].pop("cpu_bf16_encoder", None)
         return plain
 
     return [

@@ -176,3 +176,5 @@ def test_encoder_init_scale_one_leaves_the_train_stage_key_alone(tmp_path):
     assert "enc_init_scale" not in train_inputs("[sae]\nenc_init_scale = 1.0\n")
     assert f'"enc_init_scale": {3 ** -0.5}' in train_inputs("")
     assert '"enc_init_scale": 0.58' in train_inputs("[sae]\nenc_init_scale = 0.58\n")
+    # the bf16 CPU encoder (off by default) enters the key only when on
+    assert "cpu_bf16_encoder" not in train_inputs("") and '"cpu_bf16_encoder": true' in train_inputs("[sae]\ncpu_bf16_encoder = true\n")

@@ -219,7 +219,7 @@ def _centered_sum_sq(xc: Tensor) -> Tensor:
     return (torch.linalg.vecdot(xc, xc).double().sum(1) - B * mean.pow(2).sum(-1)).to(xc.dtype)
 
 
-def _pre_buffers(params: StackParams, x: Tensor, cfg: StepConfig) -> dict[str, Tensor]:
+def _pre_buffers(params: StackParams, x: Tensor, cfg: StepConfig) -> dict[str, Tensor | tuple[Tensor, Tensor]]:
     """On CPU, reused buffers for :func:`saes.kernels.dense_pre_acts`: the ``[S, B, n]`` output and
     its GEMM's bias-augmented operands ``[S, B, d + 1]`` and ``[S, n, d + 1]`` (CUDA's caching
     allocator already reuses memory: nothing there). The encoder's augmented copy stays allocated

@@ -253,9 +253,8 @@ def main() -> None:
     data_sha = checksum(raw)
     print(f"threads {torch.get_num_threads()}, d_in {d}, k {k}, batch {B}, {args.steps} timed steps, inputs scaled by {scale:.4f}, "
           f"raw data sha256 {data_sha}")
-    impls = {"ours": ours, "sparsify": sparsify_coder, "dense": dense_reference}
-    if args.cpu_bf16 and DEVICE.type == "cpu":
-        impls = {"ours": ours, "ours-bf16": lambda *a: ours(*a, cpu_bf16_encoder=True), "sparsify": sparsify_coder, "dense": dense_reference}
+    bf16 = {"ours-bf16": lambda *a: ours(*a, cpu_bf16_encoder=True)} if args.cpu_bf16 and DEVICE.type == "cpu" else {}
+    impls = {"ours": ours, **bf16, "sparsify": sparsify_coder, "dense": dense_reference}
     for n in args.latents:
         flops, flops_cpu = matmul_flops(B, d, n)
         _, reused_cpu = matmul_flops(B, d, n, reuse_output=True)

@@ -25,13 +25,13 @@ FASTMATH = {"reassoc", "contract", "nsz"}
 """reassoc/contract let LLVM vectorise dot products; NaN and Inf keep their IEEE meaning."""
 
 
-def compiled_enabled_for(*tensors: Tensor) -> bool:
-    """Whether the compiled kernels should take ``tensors``: all on the CPU in float32 or float64,
-    Numba imports and ``INTERP_NUMBA`` is not ``"0"``."""
+def compiled_enabled_for(*tensors: Tensor, dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.float64)) -> bool:
+    """Whether the compiled kernels should take ``tensors``: all on the CPU in one of ``dtypes``
+    (float32 or float64 unless a kernel reads more), Numba imports and ``INTERP_NUMBA`` is not ``"0"``."""
     return (
         AVAILABLE
         and os.environ.get("INTERP_NUMBA", "1") != "0"
-        and all(t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) for t in tensors)
+        and all(t.device.type == "cpu" and t.dtype in dtypes for t in tensors)
     )
 
 

@@ -56,9 +56,7 @@ def enabled_for(t: Tensor) -> bool:
 
 def topk_enabled_for(t: Tensor) -> bool:
     """:func:`enabled_for`, or a bf16 CPU tensor under the same switches (:func:`topk_rows` reads its bits)."""
-    if t.dtype == torch.bfloat16:
-        return AVAILABLE and os.environ.get("INTERP_NUMBA", "1") != "0" and t.device.type == "cpu"
-    return compiled_enabled_for(t)
+    return compiled_enabled_for(t, dtypes=(torch.float32, torch.float64, torch.bfloat16))
 
 
 if numba is not None:
@@ -314,7 +312,7 @@ def centered_stats(x: Tensor) -> tuple[Tensor, Tensor]:
     S, _, d = x.shape
     col_sum = torch.empty(S, d, dtype=torch.float64)
     sq_sum = torch.empty(S, dtype=torch.float64)
-    _run(_centered_stats, 1, S, x.detach().contiguous().numpy(), col_sum.numpy(), sq_sum.numpy())
+    _centered_stats(x.detach().contiguous().numpy(), col_sum.numpy(), sq_sum.numpy(), 0, S)
     return col_sum, sq_sum
 
 

@@ -15,6 +15,10 @@ torch would run as several ops (each a pass over memory with its own dispatch):
 - gather-dot (gradient of the selected values): ``out[r, j] = dense[r] . table[rows[r, j]]``;
 - centred statistics (the FVU's denominator): per member, the float64 column sums and squared
   norm of the batch in one pass;
+- decoder-row constraint and renormalisation, one pass per row each: remove from a gradient row
+  its component along the (unit) decoder row, and rescale a decoder row to unit norm (torch's
+  ``vecdot`` + ``addcmul_`` first writes the ``[S * n, d]`` product to fresh memory, and
+  ``vector_norm`` + ``div_`` reads the table twice);
 - row top-k, exact (same values as ``torch.topk``): the row is split into ``m = n / 8`` strided
   groups ``{g, g + m, ..., g + 7m}``. The smallest of the maxima of k blocks of group maxima is a
   bound with at least k group maxima above it, which keeps ~100 of the m maxima; a k-slot min-heap
@@ -42,7 +46,10 @@ from torch import Tensor
 
 from interp.compiled import AVAILABLE, FASTMATH, compiled_enabled_for, njit_cached, numba
 
-__all__ = ["AVAILABLE", "enabled_for", "topk_enabled_for", "gather_sum", "scatter_rows", "gather_dot", "centered_stats", "topk_rows", "topk_supported"]
+__all__ = [
+    "AVAILABLE", "enabled_for", "topk_enabled_for", "gather_sum", "scatter_rows", "gather_dot", "centered_stats", "constrain_rows",
+    "normalize_rows", "topk_rows", "topk_supported",
+]
 
 _GROUPS = 8
 _MIN_WORK_PER_THREAD = 1 << 18  # multiply-adds (or row entries) below which one thread does it all
@@ -118,6 +125,32 @@ if numba is not None:
                     acc[t] += v
                     total += v * v
             sq_sum[s] = total
+
+    @_jit
+    def _constrain_rows(grad, w, r0, r1):
+        d = grad.shape[1]
+        zero = np.zeros(1, dtype=grad.dtype)[0]
+        for r in range(r0, r1):
+            g = grad[r]
+            v = w[r]
+            s = zero
+            for t in range(d):
+                s += g[t] * v[t]
+            for t in range(d):
+                g[t] -= s * v[t]
+
+    @_jit
+    def _normalize_rows(w, eps, r0, r1):
+        d = w.shape[1]
+        zero = np.zeros(1, dtype=w.dtype)[0]
+        for r in range(r0, r1):
+            v = w[r]
+            s = zero
+            for t in range(d):
+                s += v[t] * v[t]
+            norm = max(np.sqrt(s), eps)
+            for t in range(d):
+                v[t] /= norm
 
     @numba.njit(inline="always")
     def _sift_down(vals, idx, k, pos, v, i):
@@ -314,6 +347,21 @@ def centered_stats(x: Tensor) -> tuple[Tensor, Tensor]:
     sq_sum = torch.empty(S, dtype=torch.float64)
     _centered_stats(x.detach().contiguous().numpy(), col_sum.numpy(), sq_sum.numpy(), 0, S)
     return col_sum, sq_sum
+
+
+def constrain_rows(grad: Tensor, w: Tensor) -> None:
+    """In place: ``grad[r] -= (grad[r] . w[r]) w[r]`` for every row of the contiguous ``[..., d]`` tensors."""
+    assert grad.shape == w.shape and grad.is_contiguous() and w.dtype == grad.dtype, (grad.shape, w.shape, grad.dtype, w.dtype)
+    d = grad.shape[-1]
+    g, v = grad.detach().view(-1, d), w.detach().contiguous().view(-1, d)
+    _run(_constrain_rows, _parts(g.numel(), g.shape[0]), g.shape[0], g.numpy(), v.numpy())
+
+
+def normalize_rows(w: Tensor, eps: float = 1e-12) -> None:
+    """In place: ``w[r] /= max(||w[r]||, eps)`` for every row of the contiguous ``[..., d]`` tensor."""
+    assert w.is_contiguous(), w.shape
+    v = w.detach().view(-1, w.shape[-1])
+    _run(_normalize_rows, _parts(v.numel(), v.shape[0]), v.shape[0], v.numpy(), eps)
 
 
 def topk_supported(n: int, k: int) -> bool:

@@ -384,6 +384,8 @@ def constrain_decoder_grad(params: StackParams) -> None:
     grad, w = params.W_dec.grad, params.W_dec
     if grad is not None and (tk := _triton_for(grad)) is not None and grad.is_contiguous():
         tk.constrain_rows(grad, w.detach())
+    elif grad is not None and grad.is_contiguous() and (ck := _numba_for(grad, w)) is not None:
+        ck.constrain_rows(grad, w.detach())
     elif grad is not None:
         grad.addcmul_(torch.linalg.vecdot(grad, w).unsqueeze(-1), w, value=-1.0)
 
@@ -393,5 +395,8 @@ def normalize_decoder(params: StackParams) -> None:
     """Rescale every decoder row to unit norm (call after ``optimizer.step()``)."""
     if (tk := _triton_for(params.W_dec)) is not None:
         tk.normalize_rows(params.W_dec.data)
+        return
+    if params.W_dec.is_contiguous() and (ck := _numba_for(params.W_dec)) is not None:
+        ck.normalize_rows(params.W_dec.data)
         return
     params.W_dec.div_(torch.linalg.vector_norm(params.W_dec, dim=-1, keepdim=True).clamp_min_(1e-12))

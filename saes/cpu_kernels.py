@@ -319,11 +319,13 @@ def gather_sum(values: Tensor, rows: Tensor, table: Tensor) -> Tensor:
     return out
 
 
-def scatter_rows(coef: Tensor, rows: Tensor, dense: Tensor, n_rows: int) -> Tensor:
-    """``[n_rows, d]``: row ``i`` is ``sum over (r, j) with rows[r, j] == i of coef[r, j] * dense[r]``."""
+def scatter_rows(coef: Tensor, rows: Tensor, dense: Tensor, n_rows: int, out: Tensor | None = None) -> Tensor:
+    """``[n_rows, d]``: row ``i`` is ``sum over (r, j) with rows[r, j] == i of coef[r, j] * dense[r]`` (into ``out`` when given)."""
     R, k = rows.shape
     _check_rows(rows, n_rows)
-    out = torch.empty(n_rows, dense.shape[1], dtype=dense.dtype)
+    if out is None:
+        out = torch.empty(n_rows, dense.shape[1], dtype=dense.dtype)
+    assert out.shape == (n_rows, dense.shape[1]) and out.dtype == dense.dtype and out.is_contiguous(), (out.shape, out.dtype)
     c, x = coef.detach().to(dense.dtype).contiguous(), dense.detach().contiguous()
     _run(_scatter_rows, _parts(R * k * x.shape[1], n_rows), n_rows, c.numpy(), rows.contiguous().numpy(), x.numpy(), out.numpy())
     return out

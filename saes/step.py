@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from interp.errors import UserError
 from saes.distributed import kth_largest_over_ranks, min_over_ranks
-from saes.kernels import _numba_for, _triton_for, dense_pre_acts, encode_topk, fused_decode_for, select_pre_acts, sparse_decode, squared_error, topk
+from saes.kernels import BufferPool, _numba_for, _triton_for, dense_pre_acts, encode_topk, fused_decode_for, select_pre_acts, sparse_decode, squared_error, topk
 
 __all__ = [
     "DEFAULT_ENC_INIT_SCALE", "StackParams", "StepState", "StepConfig", "init_stack", "check_finite", "init_state", "sae_step_loss",
@@ -57,6 +57,8 @@ class StackParams(nn.Module):
         self.W_dec = nn.Parameter(torch.zeros(S, n_latents, d_in, **kw))
         self.b_dec = nn.Parameter(torch.zeros(S, d_in, **kw))
         self._scratch: dict[str, tuple[tuple, Tensor]] = {}
+        self.grad_pool = BufferPool()
+        """Memory the CPU backward writes ``W_enc``'s and ``W_dec``'s gradients to, reused once the previous step's are freed."""
 
     @property
     def W_enc(self) -> Float[Tensor, "S d_in n"]:
@@ -258,7 +260,7 @@ def _batch_topk(params: StackParams, x: Tensor, xc: Tensor, cfg: StepConfig, att
     smallest = min_over_ranks(torch.where(keep, top, torch.full_like(top, math.inf)).amin(dim=(1, 2)), world)
     if not attach:
         return top * keep, indices, pre, smallest
-    values = select_pre_acts(top, indices, x, params.W_enc, params.b_enc, params.b_dec, xc) * keep
+    values = select_pre_acts(top, indices, x, params.W_enc, params.b_enc, params.b_dec, xc, params.grad_pool) * keep
     return values, indices, pre, smallest
 
 
@@ -280,8 +282,8 @@ def _auxk(params: StackParams, x: Tensor, xc: Tensor, pre: Tensor, residual: Ten
         top, indices = topk(pre.masked_fill(~dead.unsqueeze(1), -math.inf), k_eff)
     valid = torch.isfinite(top)
     top = torch.where(valid, top, torch.zeros_like(top)).to(params.W_enc.dtype)
-    values = select_pre_acts(top, indices, x, params.W_enc, params.b_enc, params.b_dec, xc).relu()
-    e_hat = sparse_decode(values, indices, params.W_dec)
+    values = select_pre_acts(top, indices, x, params.W_enc, params.b_enc, params.b_dec, xc, params.grad_pool).relu()
+    e_hat = sparse_decode(values, indices, params.W_dec, params.grad_pool)
     scale = (n_dead.to(x.dtype) / k_aux).clamp(max=1.0)
     return scale * (e_hat - residual).pow(2).sum((1, 2))
 
@@ -318,7 +320,7 @@ def sae_step_loss(
         threshold = torch.where(first, smallest, threshold + cfg.threshold_momentum * (smallest - threshold))
     else:
         values, indices, pre = encode_topk(x, params.W_enc, params.b_enc, params.b_dec, cfg.k, x_centered=xc, attach=fused is None,
-                                           **_pre_buffers(params, x, cfg))
+                                           grad_pool=params.grad_pool, **_pre_buffers(params, x, cfg))
     if total_variance is None:
         total_variance = _centered_sum_sq(xc)
     assert total_variance.shape == (S,), f"total_variance must be [S]={S}, got {tuple(total_variance.shape)}"
@@ -326,7 +328,7 @@ def sae_step_loss(
     if fused is not None:
         decoded = fused.decode_selected(values, indices, xc, params.W_enc, params.b_enc, params.b_dec, params.W_dec)
     else:
-        decoded = sparse_decode(values, indices, params.W_dec)
+        decoded = sparse_decode(values, indices, params.W_dec, params.grad_pool)
     sq_error, diff = squared_error(decoded, xc, params.b_dec)  # diff = x_hat - x
     fvu = sq_error / total_variance
 

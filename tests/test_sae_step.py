@@ -391,3 +391,59 @@ def test_cpu_bf16_encoder_step_is_the_float32_step_up_to_bf16_rounding(batch_top
     for name, a, b in zip(["loss", "fvu", "auxk", "W_enc_t", "b_enc", "W_dec", "b_dec"], out[True], out[False]):
         rel = float((a - b).norm() / b.norm())
         assert 0 < rel < 2e-2 if name in ("loss", "fvu") else rel < 5e-2, (name, rel)  # nonzero: the bf16 path did run
+
+
+def test_buffer_pool_hands_out_only_storage_nothing_else_holds():
+    from saes.kernels import BufferPool
+
+    pool = BufferPool(keep=2)
+    a = pool.empty((4, 3), torch.float32)
+    a_ptr = a.data_ptr()
+    b = pool.empty((4, 3), torch.float32)
+    assert b.data_ptr() != a_ptr  # a is still alive
+    del a
+    c = pool.empty((4, 3), torch.float32)
+    assert c.data_ptr() == a_ptr and c.shape == (4, 3) and c.is_contiguous()
+    view = c[1:]  # a view keeps the storage busy
+    del c
+    d = pool.empty((4, 3), torch.float32)
+    assert d.data_ptr() not in (a_ptr, view.data_ptr() - 3 * 4)
+    e = pool.empty((4, 3), torch.float32)  # both held storages busy and keep=2 reached: fresh, not held
+    assert len(pool._held[((4, 3), torch.float32, torch.device("cpu"))]) == 2
+    assert e.data_ptr() not in (a_ptr, d.data_ptr())
+    assert pool.empty((2, 6), torch.float32).data_ptr() not in (a_ptr, d.data_ptr())  # another shape, its own storage
+
+
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_gradient_pool_gives_the_same_training_and_never_overwrites_a_held_gradient(set_to_none):
+    """Three Adam steps (AuxK on from the second) with the CPU gradient pool equal three without it, bit
+    for bit; the weight gradients come from the pool; a gradient the caller keeps is never written over."""
+    S, B, d, n = 2, 48, 6, 40
+    x = torch.randn(3, S, B, d, generator=torch.Generator().manual_seed(3), dtype=torch.float32)
+    runs = []
+    for pooled in (True, False):
+        params = _stack(S, d, n, dtype=torch.float32)
+        if not pooled:
+            params.grad_pool = None
+        state = init_state(S, n)
+        opt = torch.optim.Adam(params.parameters(), lr=1e-2)
+        kept, snapshots = [], []
+        for t in range(3):
+            loss, _, state = sae_step_loss(params, state, x[t], StepConfig(k=4, dead_tokens_threshold=B))
+            loss.backward()
+            if pooled and t == 0:  # later steps run AuxK: autograd sums two W_dec gradients into a tensor of its own
+                held = {s.data_ptr() for shape_held in params.grad_pool._held.values() for s in shape_held}
+                assert params.W_dec.grad.untyped_storage().data_ptr() in held
+                assert params.W_enc_t.grad.untyped_storage().data_ptr() in held
+            constrain_decoder_grad(params)
+            if set_to_none and t == 0:
+                kept.append(params.W_dec.grad)  # the caller keeps step 1's gradient tensor
+            snapshots.append(params.W_dec.grad.clone())
+            opt.step()
+            opt.zero_grad(set_to_none=set_to_none)
+            normalize_decoder(params)
+        assert all(torch.equal(g, s) for g, s in zip(kept, snapshots))
+        runs.append(([p.detach().clone() for p in params.parameters()], snapshots))
+    (w_pool, g_pool), (w_fresh, g_fresh) = runs
+    assert all(torch.equal(a, b) for a, b in zip(w_pool, w_fresh))
+    assert all(torch.equal(a, b) for a, b in zip(g_pool, g_fresh))

@@ -124,7 +124,8 @@ def _load_saelens(path: Path, cfg: dict[str, Any]) -> TopKSAE:
     weights = _read_tensors(path / WEIGHTS_FILE)
     _need(weights, ("W_enc", "b_enc", "W_dec", "b_dec"), path / WEIGHTS_FILE)
     meta = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else {}
-    arch = cfg.get("architecture") or ("topk" if cfg.get("activation_fn_str") == "topk" else "standard")
+    # SAELens before 6 saved TopK SAEs as architecture "standard" with activation_fn_str "topk" (k in activation_fn_kwargs).
+    arch = "topk" if cfg.get("activation_fn_str") == "topk" else cfg.get("architecture") or "standard"
     norm = cfg.get("normalize_activations") or "none"
     if norm != "none":
         raise UserError(f"{path} expects normalize_activations={norm!r}, which needs a scaling factor this loader does not apply; fold it into the weights and set it to 'none'")
@@ -140,9 +141,10 @@ def _load_saelens(path: Path, cfg: dict[str, Any]) -> TopKSAE:
         if not isinstance(k, int):
             raise UserError(f"{path} is a TopK SAE without an integer 'k' in cfg.json; add it and re-load")
     elif arch in ("jumprelu", "standard", "batchtopk"):
-        thr = weights.get("threshold")
-        if thr is None and arch == "jumprelu":
-            raise UserError(f"{path} is a JumpReLU SAE without a 'threshold' weight; the file is incomplete")
+        # SAELens's BatchTopK training SAE keeps its threshold as the scalar buffer "topk_threshold".
+        thr = weights.get("threshold", weights.get("topk_threshold") if arch == "batchtopk" else None)
+        if thr is None and arch != "standard":
+            raise UserError(f"{path} is a {arch} SAE without a 'threshold' (or BatchTopK 'topk_threshold') weight; the file is incomplete")
         if thr is not None and not torch.allclose(thr.float(), thr.float().flatten()[0].expand_as(thr.float())):
             raise UserError(f"{path} has per-latent JumpReLU thresholds; only one global threshold (BatchTopK) is supported")
         # A plain ReLU ('standard') SAE is the threshold-0 case of the same rule.

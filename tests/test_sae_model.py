@@ -149,6 +149,38 @@ def test_saelens_layout_directory(tmp_path):
     assert torch.allclose(sae.encode(x), expected, atol=1e-5)
 
 
+def test_saelens_5_topk_and_batchtopk_training_directories(tmp_path):
+    """SAELens < 6 writes a TopK SAE as architecture "standard" with activation_fn_str "topk" and k in
+    activation_fn_kwargs; its BatchTopK training SAE keeps the threshold as the scalar "topk_threshold"."""
+    d, n = 6, 20
+    g = torch.Generator().manual_seed(4)
+    W_enc, b_enc, W_dec, b_dec = torch.randn(d, n, generator=g), torch.randn(n, generator=g), torch.randn(n, d, generator=g), torch.randn(d, generator=g)
+    x = torch.randn(8, d, generator=g)
+    pre = (x - b_dec) @ W_enc + b_enc
+    old = tmp_path / "v5"
+    old.mkdir()
+    save_file({"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec}, str(old / "sae_weights.safetensors"))
+    (old / "cfg.json").write_text(json.dumps({"architecture": "standard", "d_in": d, "d_sae": n, "activation_fn_str": "topk",
+                                              "activation_fn_kwargs": {"k": 3}, "apply_b_dec_to_input": True, "normalize_activations": "none"}))
+    sae = saes.load(old)
+    assert (sae.k, sae.threshold) == (3, None)
+    v, i = pre.topk(3, dim=-1)
+    assert torch.allclose(sae.encode(x), torch.zeros_like(pre).scatter(-1, i, v.relu()), atol=1e-5)
+
+    btk = tmp_path / "btk"
+    btk.mkdir()
+    save_file({"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec, "topk_threshold": torch.tensor(0.75, dtype=torch.float64)},
+              str(btk / "sae_weights.safetensors"))
+    cfg = {"architecture": "batchtopk", "d_in": d, "d_sae": n, "k": 3, "apply_b_dec_to_input": True, "normalize_activations": "none"}
+    (btk / "cfg.json").write_text(json.dumps(cfg))
+    sae = saes.load(btk)
+    assert sae.threshold == pytest.approx(0.75)
+    assert torch.allclose(sae.encode(x), torch.where(pre > 0.75, pre, torch.zeros_like(pre)), atol=1e-5)
+    save_file({"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec}, str(btk / "sae_weights.safetensors"))
+    with pytest.raises(UserError, match="without a 'threshold'"):
+        saes.load(btk)
+
+
 def test_sparsify_directory_written_by_sparsify(tmp_path):
     sparsify = pytest.importorskip("sparsify")
     coder = sparsify.SparseCoder(8, sparsify.SparseCoderConfig(num_latents=24, k=4))

@@ -14,6 +14,8 @@ import dataclasses
 import hashlib
 import math
 import shutil
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,6 +45,31 @@ __all__ = ["train"]
 StepHook = Callable[[int, dict], None]
 _SUMMED = frozenset({"fvu", "auxk_loss"})
 """ddp metrics that are sums over ranks (the rest are means over equal-size slices)."""
+
+
+class _HeldInterrupt:
+    """Holds a Ctrl-C (SIGINT) that arrives inside the block and raises it as the block ends, so an
+    interrupted step finishes and can be checkpointed; a second Ctrl-C interrupts at once. Only in the
+    main thread and while Python's own SIGINT handler is installed (elsewhere: no effect)."""
+
+    def __enter__(self) -> _HeldInterrupt:
+        self.pending = False
+        self.installed = (threading.current_thread() is threading.main_thread()
+                          and signal.getsignal(signal.SIGINT) is signal.default_int_handler)
+        if self.installed:
+            signal.signal(signal.SIGINT, self._hold)
+        return self
+
+    def _hold(self, signum: int, frame: Any) -> None:
+        if self.pending:
+            raise KeyboardInterrupt
+        self.pending = True
+
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        if self.installed:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+        if self.pending and exc_type is None:
+            raise KeyboardInterrupt
 
 
 @dataclass
@@ -200,6 +227,7 @@ class _Run:
             total = loss if total is None else total + loss
             results.append((metrics, new_state))
         total.backward()
+        fault("train.mid_step")
         if ddp:
             all_reduce_grads([p for s in self.stacks for p in s.params.parameters()], self.ctx.world)
         for stack, group in zip(self.stacks, self.optimizer.param_groups):
@@ -255,9 +283,10 @@ class _Run:
                 while step < cfg.n_steps:
                     next_batch, batch = next(batches)
                     dirty = True  # params may be half-updated until the step is counted
-                    metrics = self._step(batch, step)
-                    step, data_batch = step + 1, next_batch
-                    dirty = False
+                    with _HeldInterrupt():  # a Ctrl-C lands after the step, which is then checkpointed
+                        metrics = self._step(batch, step)
+                        step, data_batch = step + 1, next_batch
+                        dirty = False
                     if step % cfg.log_every == 0 or step == cfg.n_steps:
                         now = time.perf_counter()
                         speed = (step - tick_step) * cfg.batch_size / max(now - tick, 1e-9)

@@ -208,13 +208,14 @@ def test_run_killed_then_resumed_equals_uninterrupted(fault, corpus, reference_s
     assert_same_saes(next(run.glob("stages/train-*/saes")), next(ref.glob("stages/train-*/saes")))
 
 
-@pytest.mark.parametrize("command", ["harvest", "train-sae"])
-def test_ctrl_c_stops_cleanly_and_says_how_to_resume(command, corpus, reference_store, reference_saes, tmp_path):
+@pytest.mark.parametrize("command,fault", [("harvest", "store.shard_file:3:INT"), ("train-sae", "train.step:5:INT"),
+                                           ("train-sae", "train.mid_step:5:INT")])  # between steps; inside step 5 (it finishes first)
+def test_ctrl_c_stops_cleanly_and_says_how_to_resume(command, fault, corpus, reference_store, reference_saes, tmp_path):
     out = tmp_path / "out"
     if command == "harvest":
-        args, fault = ["harvest", *HARVEST, "--corpus", str(corpus), "--out", str(out)], "store.shard_file:3:INT"
+        args = ["harvest", *HARVEST, "--corpus", str(corpus), "--out", str(out)]
     else:
-        args, fault = ["train-sae", "--acts", str(reference_store), *TRAIN, "--out", str(out)], "train.step:5:INT"
+        args = ["train-sae", "--acts", str(reference_store), *TRAIN, "--out", str(out)]
     proc = _interp(args, fault)
     assert proc.returncode == 130, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr

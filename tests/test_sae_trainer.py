@@ -349,3 +349,30 @@ def test_cli_cpu_bf16_encoder_is_recorded_and_changes_the_fingerprint(store, tmp
     cfg = TrainConfig.from_toml(tmp_path / "bf16" / "config.toml")
     assert cfg.cpu_bf16_encoder is True
     assert cfg.fingerprint() != TrainConfig.from_dict({**cfg.to_dict(), "cpu_bf16_encoder": False}).fingerprint()
+
+
+def test_a_ctrl_c_inside_a_step_is_held_until_it_ends_and_a_second_one_is_not():
+    import os
+    import signal
+
+    from saes.trainer import _HeldInterrupt
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # a background shell may start us with SIGINT ignored
+    try:
+        done = []
+        with pytest.raises(KeyboardInterrupt):
+            with _HeldInterrupt():
+                os.kill(os.getpid(), signal.SIGINT)
+                done.append("rest of the step")  # runs: the first Ctrl-C is held
+        assert done == ["rest of the step"]
+        with pytest.raises(KeyboardInterrupt):
+            with _HeldInterrupt():
+                os.kill(os.getpid(), signal.SIGINT)
+                os.kill(os.getpid(), signal.SIGINT)
+                done.append("not reached")
+        assert done == ["rest of the step"]
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+        with _HeldInterrupt():
+            pass  # no Ctrl-C: nothing raised
+    finally:
+        signal.signal(signal.SIGINT, previous)

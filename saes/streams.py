@@ -8,6 +8,7 @@ so ``W`` ranks with local batch ``B/W`` see exactly the rows of one process with
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Iterator
 from typing import Any
@@ -47,6 +48,12 @@ class StoreStream:
     def model_name(self) -> str:
         """Name of the model the store was harvested from."""
         return str(getattr(self.store, "model", "unknown"))
+
+    def identity(self) -> dict[str, Any]:
+        """What a checkpoint records to recognise these rows: model, row count and a hash of the trained
+        hooks' shard checksums (from the manifest: no data is read)."""
+        files = [shard["files"][h]["sha256"] for shard in self.store.manifest["shards"] for h in self.hooks]
+        return {"model": self.model_name, "rows": self.n_rows, "activations": hashlib.sha256("".join(files).encode()).hexdigest()[:16]}
 
     def d_in(self, hook: str) -> int:
         """Width of ``hook``'s activations."""
@@ -91,6 +98,7 @@ class LiveStream:
         self.per_window = windows.shape[1] - 1
         self._d_in: dict[str, int] = {}
         self._orders: dict[int, Tensor] = {}
+        self._tokens_hash: str | None = None
 
     @property
     def available_hooks(self) -> list[str]:
@@ -111,6 +119,12 @@ class LiveStream:
             return model_name(self.model)
         except (ImportError, AttributeError):
             return str(getattr(self.model.cfg, "model_name", "unknown"))
+
+    def identity(self) -> dict[str, Any]:
+        """What a checkpoint records to recognise these rows: model name, row count and a hash of the token windows."""
+        if self._tokens_hash is None:
+            self._tokens_hash = hashlib.sha256(self.windows.contiguous().numpy().tobytes()).hexdigest()[:16]
+        return {"model": self.model_name, "rows": self.n_rows, "tokens": self._tokens_hash}
 
     def d_in(self, hook: str) -> int:
         """Width of ``hook``'s activations (from one tiny forward pass, cached)."""

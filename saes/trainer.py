@@ -170,7 +170,8 @@ class _Run:
             fault("checkpoint.before_commit")
         parts = [p for p in gather_objects(part, self.ctx) if p is not None]
         if self.ctx.is_main:
-            ckpt.commit(self.out, step, self.cfg.fingerprint(), {"data_batch": data_batch, "world": self.ctx.world}, parts)
+            ckpt.commit(self.out, step, self.cfg.fingerprint(), {"data_batch": data_batch, "world": self.ctx.world,
+                                                                  "data": self.stream.identity()}, parts)
             ckpt.prune(self.out, self.cfg.keep_checkpoints)
         self.ctx.barrier()
 
@@ -194,6 +195,13 @@ class _Run:
             raise
         if found is None:
             return 0, 0
+        recorded, now = found.meta.get("data"), self.stream.identity()
+        if recorded is not None and recorded != now:  # checkpoints from before this record carry none
+            def describe(data: dict) -> str:
+                return ", ".join(f"{key} {value}" for key, value in sorted(data.items()))
+
+            raise UserError(f"the checkpoints in {self.out} were trained on other data ({describe(recorded)}; now {describe(now)}); "
+                            "train from the same activations to resume, or pass --no-resume to start over")
         tensors, meta = found.load_rank(self._state_rank())
         load_stack_tensors(self.stacks, tensors, meta)
         ckpt.optimizer_from_flat(self.optimizer, tensors, meta)

@@ -155,8 +155,12 @@ def test_checkpoints_refuse_other_config_or_data_and_skip_corrupt_ones(store, fu
     with pytest.raises(UserError, match="written with enc_init_scale 1 .*pass --enc-init-scale 1 to resume"):
         train(store, _cfg(checkpoint_every=2), tmp_path / "old")
     wide = ActivationStore.from_tensors(tmp_path / "wide", {HOOKS[0]: torch.randn(512, D_IN + 4)})
-    with pytest.raises(UserError, match="d_in changed"):
+    with pytest.raises(UserError, match="trained on other data"):
         train(wide, _cfg(checkpoint_every=2), tmp_path / "run")
+    # same model name, hooks, shape and row count, other values: refused too (the scale and epochs would be the old store's)
+    other = ActivationStore.from_tensors(tmp_path / "other", {h: 100 * store.read(h) + 50 for h in HOOKS}, model="synthetic", shard_rows=256)
+    with pytest.raises(UserError, match=r"trained on other data \(activations [0-9a-f]+, model synthetic, rows 1024; now activations"):
+        train(other, _cfg(checkpoint_every=2), tmp_path / "run")
     newest = tmp_path / "run" / "checkpoints" / "step-00000004" / "state-rank0.safetensors"
     newest.write_bytes(newest.read_bytes()[:-8] + b"\0" * 8)
     _assert_same(full_run[0], _weights(train(store, _cfg(checkpoint_every=2), tmp_path / "run")))
@@ -376,3 +380,18 @@ def test_a_ctrl_c_inside_a_step_is_held_until_it_ends_and_a_second_one_is_not():
             pass  # no Ctrl-C: nothing raised
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def test_live_stream_identity_names_model_rows_and_token_windows():
+    from types import SimpleNamespace
+
+    from saes.streams import LiveStream
+
+    model = SimpleNamespace(cfg=SimpleNamespace(model_name="tiny"))
+    windows = torch.arange(40).view(4, 10)
+    one = LiveStream(model, windows, ["h"], 8, 0).identity()
+    assert one == LiveStream(model, windows.clone(), ["h"], 8, 0).identity()
+    assert one["model"] == "tiny" and one["rows"] == 4 * 9
+    other = windows.clone()
+    other[2, 3] += 1
+    assert LiveStream(model, other, ["h"], 8, 0).identity()["tokens"] != one["tokens"]

@@ -156,8 +156,27 @@ class _Run:
         """Which rank's checkpoint file holds this rank's state (ddp ranks are identical: rank 0's)."""
         return self.ctx.rank if self.ctx.mode == "shard" else 0
 
+    def _diverged(self) -> str | None:
+        """The name of an SAE with a NaN/Inf weight, else None (a checkpoint of it would replace good ones).
+        Collective under ``--dist shard`` (each rank holds other SAEs): every rank gets the same answer."""
+        found = None
+        for stack in self.stacks:
+            bad = torch.zeros(len(stack.keys), dtype=torch.bool, device=self.ctx.device)
+            for p in stack.params.parameters():
+                bad |= ~torch.isfinite(p.detach()).flatten(1).all(1)
+            if found is None and bool(bad.any()):
+                found = sae_name(*stack.keys[int(bad.nonzero()[0])])
+        if self.ctx.mode == "shard" and self.ctx.active:
+            anywhere = sum_over_ranks(torch.tensor([float(found is not None)], device=self.ctx.device), self.ctx.world)
+            if found is None and float(anywhere[0]) > 0:
+                found = "an SAE on another rank"
+        return found
+
     def _save_checkpoint(self, step: int, data_batch: int) -> None:
-        """Atomically checkpoint everything a bit-exact resume needs."""
+        """Atomically checkpoint everything a bit-exact resume needs; refuse weights that are no longer finite."""
+        if (bad := self._diverged()) is not None:
+            raise UserError(f"training diverged by step {step}: {bad} has NaN/Inf weights, so no checkpoint was written over the good ones; "
+                            "lower --lr or check the activations, then resume from the last checkpoint or pass --no-resume")
         owns = self.ctx.mode == "shard" or self.ctx.is_main
         part = None
         if owns:
@@ -311,7 +330,7 @@ class _Run:
                     if self.on_step is not None:
                         self.on_step(step, {"data_batch": data_batch})
             except KeyboardInterrupt:
-                if cfg.checkpoint_every and step > last_ckpt and not dirty and not ctx.active:
+                if cfg.checkpoint_every and step > last_ckpt and not dirty and not ctx.active and self._diverged() is None:
                     self._save_checkpoint(step, data_batch)
                 raise
         return self._save_saes()

@@ -395,3 +395,17 @@ def test_live_stream_identity_names_model_rows_and_token_windows():
     other = windows.clone()
     other[2, 3] += 1
     assert LiveStream(model, other, ["h"], 8, 0).identity()["tokens"] != one["tokens"]
+
+
+def test_a_diverged_run_writes_no_checkpoint_over_the_good_ones(store, tmp_path):
+    """Checkpoints come every step here but divergence is only logged every 10: the NaN weights must not be saved."""
+    from safetensors.torch import load_file
+
+    with pytest.raises(UserError, match=r"training diverged by step \d+: .* has NaN/Inf weights, so no checkpoint was written"):
+        train(store, _cfg(lr=1e30, log_every=10, checkpoint_every=1, keep_checkpoints=2), tmp_path)
+    states = sorted((tmp_path / "checkpoints").glob("step-*/state-rank0.safetensors"))
+    assert states, "the steps before the divergence were checkpointed"
+    for path in states:
+        tensors = load_file(str(path))
+        params = {name: t for name, t in tensors.items() if ".param." in name}
+        assert params and all(torch.isfinite(t).all() for t in params.values()), (path, [n for n, t in params.items() if not torch.isfinite(t).all()])

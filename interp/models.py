@@ -22,7 +22,7 @@ from interp.model_hub import boot_hub, hub_error, hub_registry, is_hub_name, off
 if TYPE_CHECKING:
     from transformer_lens import TransformerBridge
 
-__all__ = ["load_model", "load_tokenizer", "model_device", "model_name", "format_prompt", "list_models", "cache_dir", "DEFAULT_MODEL"]
+__all__ = ["load_model", "load_tokenizer", "model_device", "resolve_device", "model_name", "format_prompt", "list_models", "cache_dir", "DEFAULT_MODEL"]
 
 DEFAULT_MODEL = "smollm2-135m"
 _NAME_ATTR = "interp_name"
@@ -111,7 +111,7 @@ def load_model(
     ``device`` defaults to CUDA when available, else CPU; ``dtype`` to float32 (bf16 on request).
     ``trust_remote_code`` stays off unless asked: it runs Python shipped with the model.
     """
-    device = _resolve_device(device)
+    device = resolve_device(device)
     dtype = _resolve_dtype(dtype)
     kind, name = _classify(str(name_or_path))
     if name == "tiny-random":
@@ -146,7 +146,9 @@ def _classify(name: str) -> tuple[str, str]:
     raise UserError(f"unknown model {name!r}{hint}; run `interp models` for built-in names, or pass a local Hugging Face directory")
 
 
-def _resolve_device(device: str | torch.device | None) -> torch.device:
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``device`` as a torch device (None: CUDA when available, else the CPU); a bad name or CUDA
+    without a GPU is a one-line UserError."""
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:

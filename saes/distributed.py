@@ -72,7 +72,9 @@ class DistContext:
 def _pick_device(device: str | None, local_rank: int) -> torch.device:
     """The requested device, else this rank's GPU when CUDA is available, else the CPU."""
     if device is not None:
-        return torch.device(device)
+        from interp.models import resolve_device  # lazily: interp.models imports TransformerLens
+
+        return resolve_device(device)
     if torch.cuda.is_available():
         return torch.device("cuda", local_rank % torch.cuda.device_count())
     return torch.device("cpu")

@@ -199,7 +199,8 @@ def test_train_acts_not_a_store(tmp_path):
         (HOOKS[0], ["--latents", "32", "--k", "4"], ["--dist", "bogus"], "unknown dist 'bogus'"),
         (HOOKS[0], ["--latents", "32", "--k", "4"], ["--lr", "-1"], "lr must be a positive number"),
         (HOOKS[0], ["--latents", "32", "--k", "4"], ["--model", "tiny-random"], "pass exactly one data source"),
-    ],
+        (HOOKS[0], ["--latents", "32", "--k", "4"], ["--device", "bogus"], "unknown device 'bogus'"),
+    ] + ([(HOOKS[0], ["--latents", "32", "--k", "4"], ["--device", "cuda"], "no CUDA GPU is available")] if not torch.cuda.is_available() else []),
 )
 def test_train_bad_options(store, tmp_path, hook, pairs, extra, needle):
     args = ["train-sae", "--acts", store, "--hook", hook, *pairs, "--tokens", "256", "--batch-size", "64", "--no-progress",

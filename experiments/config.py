@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from experiments.configparse import parse_dataclass, read_toml
+from interp.configparse import parse_dataclass, read_toml
 from interp.errors import UserError, suggest
 
 __all__ = [

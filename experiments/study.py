@@ -15,7 +15,7 @@ from typing import Any
 
 from experiments import study_stages
 from experiments.config import STAGES, StudyConfig, check_against_model
-from experiments.configparse import to_plain
+from interp.configparse import to_plain
 from experiments.provenance import provenance
 from experiments.report import write_report
 from experiments.stages import StageRunner

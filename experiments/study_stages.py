@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from experiments.config import StudyConfig
-from experiments.configparse import to_plain
+from interp.configparse import to_plain
 from experiments.stages import Stage, StageResult
 from interp.files import atomic_write_json
 from interp.models import model_device

@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from interp.configparse import parse_dataclass
 from interp.errors import UserError, suggest
 from saes.step import DEFAULT_ENC_INIT_SCALE
 
@@ -189,12 +190,9 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> TrainConfig:
-        """Build a config from a dict (e.g. a TOML table); unknown keys are a UserError."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise UserError(f"unknown training option {unknown[0]!r}{suggest(unknown[0], names)}")
-        return cls(**data)
+        """Build a config from a dict (e.g. a TOML table); unknown keys and wrongly typed values are
+        one-line UserErrors naming the key (value ranges are :meth:`validate`'s)."""
+        return parse_dataclass(cls, data, where="train", validate=False)
 
     def fingerprint(self) -> str:
         """Hash of every field that changes what is computed; a checkpoint from another fingerprint is refused."""

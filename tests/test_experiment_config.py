@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from experiments.config import StudyConfig, load_study
-from experiments.configparse import parse_dataclass, to_plain
+from interp.configparse import parse_dataclass, to_plain
 from experiments.stages import Stage, StageRunner
 from experiments.tomlwrite import dumps_toml
 from interp.errors import UserError

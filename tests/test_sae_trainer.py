@@ -98,8 +98,16 @@ def test_config_toml_round_trip(tmp_path):
     (tmp_path / "c.toml").write_text(cfg.to_toml())
     assert TrainConfig.from_toml(tmp_path / "c.toml") == cfg
     (tmp_path / "bad.toml").write_text("[train]\nlatents = 3\n")
-    with pytest.raises(UserError, match="unknown training option"):
+    with pytest.raises(UserError, match="unknown key train.latents"):
         TrainConfig.from_toml(tmp_path / "bad.toml")
+    for body, needle in [('settings = [[32]]', r"train.settings\[0\] must have 2 entries \(int, int\), got \[32\]"),
+                         ('batch_size = "64"', "train.batch_size must be an integer, got '64'"),
+                         ('hooks = "blocks.0.hook_resid_post"', "train.hooks must be a list, got str"),
+                         ('lr = true', "train.lr = True has the wrong type; expected float"),
+                         ('adam_betas = [0.9]', r"train.adam_betas must have 2 entries")]:
+        (tmp_path / "bad.toml").write_text(f"[train]\n{body}\n")
+        with pytest.raises(UserError, match=needle):
+            TrainConfig.from_toml(tmp_path / "bad.toml")
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Typed, strict parsing of TOML/dict data into the study's config dataclasses.
+"""Typed, strict parsing of TOML/dict data into config dataclasses (the study's, and ``saes.TrainConfig``).
 
 TOML is data, never code: the file is read with ``tomllib`` and every value is checked against
 the dataclass field's annotation. Unknown keys are named with a close suggestion, wrong types
@@ -67,6 +67,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if not isinstance(value, list | tuple):
             raise UserError(f"{where} must be a list, got {type(value).__name__} {value!r}")
         args = get_args(tp)
+        if origin is tuple and args and args[-1] is not Ellipsis:  # a fixed-length tuple: one type per place
+            if len(value) != len(args):
+                raise UserError(f"{where} must have {len(args)} entries ({', '.join(_type_name(a) for a in args)}), got {value!r}")
+            return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
         item_tp = args[0] if args else Any
         return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
@@ -97,10 +101,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     raise AssertionError(f"unsupported config annotation {tp!r} at {where}")
 
 
-def parse_dataclass(cls: type[T], data: dict[str, Any], where: str = "config") -> T:
+def parse_dataclass(cls: type[T], data: dict[str, Any], where: str = "config", validate: bool = True) -> T:
     """Build ``cls`` from ``data``: unknown keys, wrong types and missing required keys are UserErrors.
 
-    After construction the dataclass's own ``validate()`` (if any) checks value ranges.
+    After construction the dataclass's own ``validate(where)`` (if any, and ``validate``) checks value ranges.
     """
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     hints = get_type_hints(cls)
@@ -114,9 +118,9 @@ def parse_dataclass(cls: type[T], data: dict[str, Any], where: str = "config") -
         elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
             raise UserError(f"{where}.{name} is required; add it to the config")
     obj = cls(**kwargs)
-    validate = getattr(obj, "validate", None)
-    if callable(validate):
-        validate(where)
+    check = getattr(obj, "validate", None)
+    if validate and callable(check):
+        check(where)
     return obj
 
 

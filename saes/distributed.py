@@ -17,6 +17,8 @@ CPU runs use the gloo backend, CUDA runs NCCL (one device per local rank).
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,7 +31,8 @@ from interp.errors import UserError
 
 __all__ = [
     "DistContext", "setup", "all_reduce_grads", "total_variance_over_ranks", "kth_largest_over_ranks", "min_over_ranks",
-    "sync_step_state", "mean_over_ranks", "sum_over_ranks", "gather_objects",
+    "sync_step_state", "mean_over_ranks", "sum_over_ranks", "gather_objects", "all_gather_objects", "any_over_ranks",
+    "errors_together",
 ]
 
 
@@ -47,6 +50,8 @@ class DistContext:
     """Device this rank trains on."""
     owns_group: bool = False
     """Whether :func:`setup` created the process group (and :meth:`close` should destroy it)."""
+    host_group: Any = None
+    """A gloo group for host-side collectives (flags, objects) when the default group is NCCL; None: the default group."""
 
     @property
     def is_main(self) -> bool:
@@ -69,32 +74,49 @@ class DistContext:
             dist.destroy_process_group()
 
 
-def _pick_device(device: str | None, local_rank: int) -> torch.device:
-    """The requested device, else this rank's GPU when CUDA is available, else the CPU."""
-    if device is not None:
-        from interp.models import resolve_device  # lazily: interp.models imports TransformerLens
+def _pick_device(device: str | None, local_rank: int, world: int = 1) -> torch.device:
+    """The device this rank trains on: the requested one, else CUDA when available, else the CPU.
 
-        return resolve_device(device)
-    if torch.cuda.is_available():
-        return torch.device("cuda", local_rank % torch.cuda.device_count())
-    return torch.device("cpu")
+    Under torchrun (``world > 1``) each rank takes the GPU of its ``LOCAL_RANK``: ``--device cuda``
+    (or no device) means that GPU; a pinned ``cuda:N`` (which would put every rank on one GPU) and
+    more ranks on a node than it has GPUs are one-line errors.
+    """
+    from interp.models import resolve_device  # lazily: interp.models imports TransformerLens
+
+    dev = resolve_device(device)
+    if dev.type != "cuda" or world == 1 and dev.index is not None:
+        return dev
+    if world > 1 and dev.index is not None:
+        raise UserError(f"--device {device} would put all {world} ranks on one GPU; pass --device cuda and each rank takes the GPU of its LOCAL_RANK")
+    count = torch.cuda.device_count()
+    if local_rank >= count:
+        raise UserError(f"local rank {local_rank} has no GPU of its own: this node has {count}; launch at most {count} processes per node "
+                        f"(--nproc_per_node {count}) or pass --device cpu")
+    return torch.device("cuda", local_rank)
 
 
 def setup(mode: str, device: str | None = None) -> DistContext:
     """Join the torchrun process group for ``mode`` (or stay single-process for 'none')."""
+    world_env = int(os.environ.get("WORLD_SIZE", "1") or 1)
     if mode == "none":
+        if world_env > 1:
+            raise UserError(f"this process is one of {world_env} torchrun ranks, but --dist none would train {world_env} copies into the same "
+                            "--out; pass --dist ddp or --dist shard, or run without torchrun")
         return DistContext("none", 0, 1, _pick_device(device, 0))
     if "WORLD_SIZE" not in os.environ or "RANK" not in os.environ:
         raise UserError(f"--dist {mode} needs a torchrun launch, e.g. torchrun --standalone --nproc_per_node 2 -m experiments.cli train-sae ...")
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
-    dev = _pick_device(device, local_rank)
+    dev = _pick_device(device, local_rank, world)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     owns = world > 1 and not dist.is_initialized()
     if owns:
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
-    return DistContext(mode, rank, world, dev, owns)
+    host_group = None
+    if world > 1 and dist.get_backend() != "gloo":  # collectively, on every rank
+        host_group = dist.new_group(backend="gloo")
+    return DistContext(mode, rank, world, dev, owns, host_group)
 
 
 def all_reduce_grads(params: list[torch.nn.Parameter], world: int) -> None:
@@ -189,10 +211,45 @@ def mean_over_ranks(values: Tensor, world: int) -> Tensor:
     return values if world == 1 else sum_over_ranks(values, world) / world
 
 
+def any_over_ranks(flag: bool, ctx: DistContext) -> bool:
+    """Whether ``flag`` is true on any rank: a host-side collective (no device sync), so every rank can raise the same error."""
+    if not ctx.active:
+        return flag
+    out = torch.tensor([int(flag)], dtype=torch.int32)
+    dist.all_reduce(out, op=dist.ReduceOp.MAX, group=ctx.host_group)
+    return bool(out[0])
+
+
+def all_gather_objects(obj: Any, ctx: DistContext) -> list[Any]:
+    """Every rank's ``obj`` on every rank, in rank order."""
+    if not ctx.active:
+        return [obj]
+    out = [None] * ctx.world
+    dist.all_gather_object(out, obj, group=ctx.host_group)
+    return out
+
+
+@contextmanager
+def errors_together(ctx: DistContext) -> Iterator[None]:
+    """Run a block on every rank; a UserError raised on any rank is raised on every rank (the lowest
+    rank's message), so no rank goes on to wait in a collective for one that stopped."""
+    error = None
+    try:
+        yield
+    except UserError as err:
+        if not ctx.active:
+            raise
+        error = err
+    if ctx.active:
+        first = next((m for m in all_gather_objects(None if error is None else str(error), ctx) if m is not None), None)
+        if first is not None:
+            raise UserError(first) from error
+
+
 def gather_objects(obj: Any, ctx: DistContext) -> list[Any]:
     """Every rank's ``obj`` on rank 0 (others get an empty list)."""
     if not ctx.active:
         return [obj]
     out = [None] * ctx.world if ctx.is_main else None
-    dist.gather_object(obj, out, dst=0)
+    dist.gather_object(obj, out, dst=0, group=ctx.host_group)
     return out if ctx.is_main else []

@@ -28,7 +28,7 @@ from saes.distributed import kth_largest_over_ranks, min_over_ranks
 from saes.kernels import BufferPool, _numba_for, _triton_for, dense_pre_acts, encode_topk, fused_decode_for, select_pre_acts, sparse_decode, squared_error, topk
 
 __all__ = [
-    "DEFAULT_ENC_INIT_SCALE", "StackParams", "StepState", "StepConfig", "init_stack", "check_finite", "init_state", "sae_step_loss",
+    "DEFAULT_ENC_INIT_SCALE", "StackParams", "StepState", "StepConfig", "init_stack", "check_finite", "is_finite", "init_state", "sae_step_loss",
     "constrain_decoder_grad", "normalize_decoder", "geometric_median", "input_scale",
 ]
 
@@ -188,12 +188,20 @@ def init_stack(
     return params
 
 
-def check_finite(x: Tensor) -> None:
-    """One-line error for NaN/Inf activations (a host sync on CUDA: the trainer checks host batches instead)."""
+NON_FINITE_BATCH = "the activation batch contains NaN or Inf; re-harvest the activations (or check the hook)"
+
+
+def is_finite(x: Tensor) -> bool:
+    """Whether every entry of ``x`` is finite (a host sync on CUDA)."""
     # A finite sum means every entry is finite (NaN and Inf propagate), in one cheap pass; a
     # non-finite sum (bad entries, or an overflow of large finite ones) gets the exact check.
-    if not torch.isfinite(x.sum()) and not torch.isfinite(x).all():
-        raise UserError("the activation batch contains NaN or Inf; re-harvest the activations (or check the hook)")
+    return bool(torch.isfinite(x.sum())) or bool(torch.isfinite(x).all())
+
+
+def check_finite(x: Tensor) -> None:
+    """One-line error for NaN/Inf activations (a host sync on CUDA: the trainer checks host batches instead)."""
+    if not is_finite(x):
+        raise UserError(NON_FINITE_BATCH)
 
 
 def _check(params: StackParams, x: Tensor, cfg: StepConfig) -> None:

@@ -31,12 +31,12 @@ from interp.files import atomic_write_text
 from saes import checkpoint as ckpt
 from saes.config import TrainConfig, sae_name
 from saes.distributed import (
-    DistContext, all_reduce_grads, gather_objects, mean_over_ranks, setup, sum_over_ranks, sync_step_state,
-    total_variance_over_ranks,
+    DistContext, all_gather_objects, all_reduce_grads, any_over_ranks, errors_together, gather_objects, mean_over_ranks, setup, sum_over_ranks,
+    sync_step_state, total_variance_over_ranks,
 )
 from saes.model import TopKSAE
 from saes.stacking import build_stack, load_stack_tensors, make_step_config, stack_tensors
-from saes.step import check_finite, constrain_decoder_grad, input_scale, normalize_decoder, sae_step_loss
+from saes.step import NON_FINITE_BATCH, constrain_decoder_grad, input_scale, is_finite, normalize_decoder, sae_step_loss
 from saes.streams import open_stream
 from saes.training_log import MetricsLog, progress_bar
 
@@ -104,7 +104,9 @@ def train(source: Any, cfg: TrainConfig, out: str | Path, *, corpus: str | Tenso
     cfg.validate()
     ctx = setup(cfg.dist, cfg.device)
     try:
-        return _Run(source, cfg, Path(out), ctx, corpus, on_step).run(resume)
+        with errors_together(ctx):  # a bad sample on one rank's hooks stops them all
+            run = _Run(source, cfg, Path(out), ctx, corpus, on_step)
+        return run.run(resume)
     finally:
         ctx.close()
 
@@ -214,6 +216,10 @@ class _Run:
             raise
         if found is None:
             return 0, 0
+        if self.ctx.mode == "shard" and found.meta.get("world", self.ctx.world) != self.ctx.world:
+            # each shard rank's file holds its own share of the SAEs: another world size deals them out differently
+            raise UserError(f"the checkpoints in {self.out} were written by {found.meta['world']} shard ranks, this run has {self.ctx.world}; "
+                            f"resume with torchrun --nproc_per_node {found.meta['world']}, or pass --no-resume to start over")
         recorded, now = found.meta.get("data"), self.stream.identity()
         if recorded is not None and recorded != now:  # checkpoints from before this record carry none
             def describe(data: dict) -> str:
@@ -233,9 +239,12 @@ class _Run:
     def _step(self, batch: dict[str, Tensor], step: int) -> list[dict[str, Tensor]]:
         """One optimizer step on every stack; returns each stack's metrics ``{name: [S]}``."""
         cfg, device = self.cfg, self.ctx.device
-        if device.type == "cuda":  # the CUDA step skips this check (a host sync); check the batch before it moves
-            for h in self.hooks:
-                check_finite(batch[h])
+        if device.type == "cuda" or self.ctx.active:
+            # the CUDA step skips this check (a host sync): check the host batch before it moves. Under
+            # torchrun every rank must stop together (a rank's own slice or hooks may be the only bad ones)
+            bad = not all(is_finite(batch[h]) for h in self.hooks)
+            if any_over_ranks(bad, self.ctx):
+                raise UserError(NON_FINITE_BATCH)
         x_by_hook = {h: batch[h].to(device, non_blocking=True).float() * self.scales[h] for h in self.hooks}
         ddp = self.ctx.mode == "ddp"
         xs = []
@@ -286,10 +295,15 @@ class _Run:
                        "tokens": step * self.cfg.batch_size, "epoch": epoch}
                 row.update({name: vals[i] for name, vals in values.items()})
                 row.update(lr=stack.lr * lr_factor, samples_per_s=samples_per_s)
-                if not math.isfinite(row.get("fvu", 0.0)):
-                    raise UserError(f"training diverged at step {step} for {row['sae']} (FVU is {row['fvu']}); lower --lr or check the activations for NaN/Inf")
                 rows.append(row)
         return rows
+
+    @staticmethod
+    def _check_rows(rows: list[dict], step: int) -> None:
+        """A one-line error when an SAE's FVU is no longer finite (every rank checks the same rows)."""
+        for row in rows:
+            if not math.isfinite(row.get("fvu", 0.0)):
+                raise UserError(f"training diverged at step {step} for {row['sae']} (FVU is {row['fvu']}); lower --lr or check the activations for NaN/Inf")
 
     def run(self, resume: bool) -> dict[str, TopKSAE]:
         """Step from the last checkpoint (or 0) to ``cfg.n_steps``, then write one SAE directory per member."""
@@ -297,7 +311,8 @@ class _Run:
         if not resume and ctx.is_main:
             shutil.rmtree(self.out / "checkpoints", ignore_errors=True)
         ctx.barrier()
-        start, data_batch = self._resume() if resume else (0, 0)
+        with errors_together(ctx):
+            start, data_batch = self._resume() if resume else (0, 0)
         log = MetricsLog(self.out / "metrics.jsonl", keep_until=start, enabled=ctx.is_main)
         if ctx.is_main:
             atomic_write_text(self.out / "config.toml", cfg.to_toml())
@@ -320,7 +335,9 @@ class _Run:
                         tick, tick_step = now, step
                         epoch = (data_batch * cfg.batch_size - 1) // n_rows if n_rows else 0
                         rows = self._rows(metrics, step, cfg.lr_factor(step - 1), speed, epoch)
-                        rows = [r for part in gather_objects(rows, ctx) for r in part] if ctx.mode == "shard" else rows
+                        # shard: every rank gets every rank's rows, so a divergence anywhere stops all ranks alike
+                        rows = [r for part in all_gather_objects(rows, ctx) for r in part] if ctx.mode == "shard" else rows
+                        self._check_rows(rows, step)
                         log.write(rows, bar)
                     if cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or step == cfg.n_steps):
                         self._save_checkpoint(step, data_batch)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -198,3 +199,155 @@ def test_ddp_checkpoint_holds_the_single_process_state(runs, reference, dist):
 def test_shard_checkpoint_has_one_state_file_per_rank(runs):
     files = sorted(p.name for p in (runs / "shard" / "checkpoints" / "step-00000008").iterdir())
     assert files == ["meta.json", "state-rank0.safetensors", "state-rank1.safetensors"]
+
+
+# -- failures under torchrun: every rank stops with the same one-line error --------------------------
+# Workers join a 2-rank gloo group as torchrun would (RANK, WORLD_SIZE, MASTER_*) and run the CLI
+# in-process, so each rank's exit code and last stderr line come back; a rank left behind in a
+# collective would instead end with gloo's "connection closed" error (or hang: the join times out).
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _cli_worker(rank: int, world: int, port: int, args: list[str], poison_rank: int, results) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                      HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    torch.set_num_threads(1)
+    if rank == poison_rank:  # this rank's SAEs report a non-finite FVU after their first step
+        import saes.trainer
+
+        original = saes.trainer._Run._step
+
+        def poisoned(self, batch, step):
+            metrics = original(self, batch, step)
+            metrics[0]["fvu"] = torch.full_like(metrics[0]["fvu"], float("nan"))
+            return metrics
+
+        saes.trainer._Run._step = poisoned
+    from experiments.cli import app
+
+    result = CliRunner().invoke(app, args)
+    lines = result.stderr.strip().splitlines()
+    results[rank] = (result.exit_code, lines[-1] if lines else "", repr(result.exception))
+
+
+def _spawn_cli(args: list[str], poison_rank: int = -1, world: int = 2, timeout: float = 120) -> list[tuple[int, str, str]]:
+    import torch.multiprocessing as mp
+
+    results = mp.Manager().dict()
+    procs = mp.start_processes(_cli_worker, args=(world, _free_port(), [str(a) for a in args], poison_rank, results), nprocs=world,
+                               join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout
+    while not procs.join(timeout=1):
+        if time.monotonic() > deadline:
+            for p in procs.processes:
+                p.kill()
+            pytest.fail(f"ranks still running after {timeout} s (one waits in a collective for a rank that stopped): {dict(results)}")
+    return [results[r] for r in range(world)]
+
+
+def _store_with_a_nan_row(root: Path, rows: int, nan_row: int) -> Path:
+    """Two hooks; the second has one NaN row (a batch of 64 puts it on one ddp rank's slice of 32)."""
+    gen = torch.Generator().manual_seed(1)
+    bad = torch.randn(rows, 12, generator=gen)
+    bad[nan_row, 5] = float("nan")
+    acts = {HOOKS[0]: torch.randn(rows, 12, generator=gen), HOOKS[1]: bad}
+    return ActivationStore.from_tensors(root, acts, model="synthetic", shard_rows=1024).path
+
+
+@pytest.fixture(scope="module")
+def small_store(tmp_path_factory):
+    """256 rows: the NaN row is in the initialisation sample (the first 4096 rows)."""
+    return _store_with_a_nan_row(tmp_path_factory.mktemp("dist-errors") / "store", 256, 101)
+
+
+@pytest.fixture(scope="module")
+def late_nan_store(tmp_path_factory):
+    """4352 rows (68 batches of 64): the NaN row is past the initialisation sample, so training meets it in one step."""
+    return _store_with_a_nan_row(tmp_path_factory.mktemp("dist-errors-late") / "store", 4352, 4200)
+
+
+def _small_args(store: Path, out: Path, dist: str, hooks: list[str], extra: tuple[str, ...] = ()) -> list:
+    args = ["train-sae", "--acts", store, "--tokens", str(4 * 64), "--batch-size", "64", "--dist", dist, "--latents", "32", "--k", "4",
+            "--log-every", "1", "--checkpoint-every", "2", "--no-progress", "--device", "cpu", "--out", out, *extra]
+    for h in hooks:
+        args += ["--hook", h]
+    return args
+
+
+def _same_error_everywhere(results: list[tuple[int, str, str]], needle: str) -> None:
+    for rank, (code, last, exception) in enumerate(results):
+        assert code == 2 and last.startswith("error:") and needle in last, (rank, code, last, exception)
+    assert len({last for _, last, _ in results}) == 1, results
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dist, store", [("ddp", "late_nan_store"), ("shard", "late_nan_store"), ("shard", "small_store")])
+def test_non_finite_rows_stop_every_rank_with_one_error(request, tmp_path, dist, store):
+    # ddp: the NaN row is in one rank's slice of one batch; shard: only rank 1 trains the SAE of the
+    # NaN hook, and meets the row in a step (late_nan_store) or in its initialisation sample (small_store)
+    args = _small_args(request.getfixturevalue(store), tmp_path / "run", dist, HOOKS, ("--tokens", str(68 * 64), "--checkpoint-every", "100"))
+    results = _spawn_cli(args)
+    _same_error_everywhere(results, "contains NaN or Inf")
+    assert ("activation sample" in results[0][1]) == (store == "small_store"), results
+
+
+@pytest.mark.slow
+def test_divergence_on_one_shard_rank_stops_every_rank_with_one_error(small_store, tmp_path):
+    results = _spawn_cli(_small_args(small_store, tmp_path / "run", "shard", [HOOKS[0]], ("--latents", "48", "--k", "6")),
+                         poison_rank=1)
+    _same_error_everywhere(results, "training diverged at step 1 for blocks.0.hook_resid_post")
+    assert not (tmp_path / "run" / "checkpoints").exists() or not list((tmp_path / "run" / "checkpoints").glob("*/meta.json"))
+
+
+@pytest.mark.slow
+def test_shard_resume_with_another_world_size_is_one_error(small_store, tmp_path, monkeypatch):
+    from test_bad_inputs import hashes
+
+    out = tmp_path / "run"
+    args = _small_args(small_store, out, "shard", [HOOKS[0]], ("--latents", "48", "--k", "6"))
+    assert [code for code, _, _ in _spawn_cli(args)] == [0, 0]
+    assert (out / "checkpoints" / "step-00000004" / "meta.json").exists()
+    before = hashes(out)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    from experiments.cli import app
+    from test_bad_inputs import assert_one_line_error
+
+    assert_one_line_error(CliRunner().invoke(app, [str(a) for a in args]), "written by 2 shard ranks, this run has 1")
+    assert hashes(out) == before
+
+
+def test_dist_none_under_torchrun_is_one_error(small_store, tmp_path, monkeypatch):
+    # N copies of a single-process run would all write the same --out
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    from experiments.cli import app
+    from test_bad_inputs import assert_one_line_error
+
+    assert_one_line_error(CliRunner().invoke(app, [str(a) for a in _small_args(small_store, tmp_path / "run", "none", [HOOKS[0]])]),
+                          "pass --dist ddp or --dist shard")
+    assert not (tmp_path / "run").exists()
+
+
+def test_each_torchrun_rank_takes_the_gpu_of_its_local_rank(monkeypatch):
+    from interp.errors import UserError
+    from saes.distributed import _pick_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert _pick_device("cuda", 1, 2) == torch.device("cuda", 1)
+    assert _pick_device(None, 1, 2) == torch.device("cuda", 1)
+    assert _pick_device("cuda", 0, 1) == torch.device("cuda", 0)  # torchrun with one process: an index for set_device
+    assert _pick_device("cuda:1", 0, 1) == torch.device("cuda", 1)  # one process may pin its GPU
+    assert _pick_device("cpu", 1, 2) == torch.device("cpu")
+    with pytest.raises(UserError, match="would put all 2 ranks on one GPU"):
+        _pick_device("cuda:0", 1, 2)
+    with pytest.raises(UserError, match="this node has 2; launch at most 2 processes per node"):
+        _pick_device("cuda", 2, 3)

@@ -133,6 +133,13 @@ def _load_saelens(path: Path, cfg: dict[str, Any]) -> TopKSAE:
     if not cfg.get("apply_b_dec_to_input", True):
         # x @ W_enc + b_enc == (x - b_dec) @ W_enc + (b_enc + b_dec @ W_enc): fold so we always subtract b_dec.
         b_enc = b_enc + weights["b_dec"].float() @ weights["W_enc"].float()
+    W_enc, W_dec = weights["W_enc"].float(), weights["W_dec"].float()
+    if cfg.get("rescale_acts_by_decoder_norm") and W_dec.ndim == 2 and W_enc.ndim == 2 and W_dec.shape[0] == W_enc.shape[1] == b_enc.shape[-1]:
+        # SAELens scales pre-activations by each latent's decoder norm and divides them back out in decode:
+        # folding the norms (as its fold_W_dec_norm) gives the same selection, activations and output
+        # with unit decoder rows; a threshold is in the scaled units already
+        norms = W_dec.norm(dim=-1).clamp(min=1e-8)
+        W_enc, b_enc, W_dec = W_enc * norms, b_enc * norms, W_dec / norms[:, None]
     kwargs_k = (cfg.get("activation_fn_kwargs") or {}).get("k") if isinstance(cfg.get("activation_fn_kwargs"), dict) else None
     n = weights["W_enc"].shape[-1]
     threshold: float | None = None
@@ -153,7 +160,7 @@ def _load_saelens(path: Path, cfg: dict[str, Any]) -> TopKSAE:
         k = cfg.get("k") if isinstance(cfg.get("k"), int) and 0 < cfg["k"] < n else max(1, min(n - 1, 32))
     else:
         raise UserError(f"{path} has architecture {arch!r}; supported: topk, jumprelu, batchtopk, standard")
-    sae = _build(weights["W_enc"], b_enc, weights["W_dec"], weights["b_dec"], k, path,
+    sae = _build(W_enc, b_enc, W_dec, weights["b_dec"], k, path,
                  hook_name=str(cfg.get("hook_name") or meta.get("hook_name") or ""),
                  model=str(cfg.get("model_name") or meta.get("model_name") or ""),
                  threshold=threshold, activation_scale=float(cfg.get("activation_scale") or 1.0))

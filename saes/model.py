@@ -94,6 +94,11 @@ class TopKSAE(nn.Module):
         x = x.to(self.W_enc.dtype)
         return (x - self.b_dec) @ self.W_enc + self.b_enc
 
+    def _cut(self) -> float:
+        """The BatchTopK/JumpReLU rule ``relu(pre) * (pre > threshold)`` as one comparison: a latent is
+        active above ``max(threshold, 0)`` (a negative threshold, from a foreign file, never passes a non-positive pre-activation)."""
+        return max(float(self.threshold), 0.0)
+
     def encode_sparse(
         self, x: Float[Tensor, "... d_in"]
     ) -> tuple[Float[Tensor, "... k_active"], Int[Tensor, "... k_active"]]:
@@ -106,7 +111,7 @@ class TopKSAE(nn.Module):
         if self.threshold is None:
             values, indices = topk(pre, self.k)  # compiled on CPU (3x torch.topk at k 32 of 4,096)
             return values.relu(), indices
-        above = pre > self.threshold
+        above = pre > self._cut()
         k_active = max(int(above.sum(-1).max()) if above.numel() else 0, 1)
         values, indices = pre.masked_fill(~above, 0.0).topk(min(k_active, self.n_latents), dim=-1, sorted=False)
         return values, indices
@@ -115,7 +120,7 @@ class TopKSAE(nn.Module):
         """Dense feature activations: the TopK (or above-threshold) values, zeros elsewhere."""
         if self.threshold is not None:
             pre = self.pre_acts(x)
-            return pre * (pre > self.threshold)
+            return pre * (pre > self._cut())
         values, indices = self.encode_sparse(x)
         return torch.zeros(*values.shape[:-1], self.n_latents, dtype=values.dtype, device=values.device).scatter_(-1, indices, values)
 

@@ -181,6 +181,56 @@ def test_saelens_5_topk_and_batchtopk_training_directories(tmp_path):
         saes.load(btk)
 
 
+def test_saelens_rescale_acts_by_decoder_norm_is_folded(tmp_path):
+    """SAELens 6 TopK/BatchTopK with ``rescale_acts_by_decoder_norm``: pre-activations are multiplied by each
+    latent's decoder norm, and decode divides them back out; compared with that rule written out by hand."""
+    d, n, k = 6, 20, 3
+    g = torch.Generator().manual_seed(5)
+    W_enc, b_enc, b_dec = torch.randn(d, n, generator=g), torch.randn(n, generator=g), torch.randn(d, generator=g)
+    W_dec = torch.randn(n, d, generator=g) * torch.rand(n, 1, generator=g).add(0.2) * 3  # rows far from unit norm
+    norms = W_dec.norm(dim=-1)
+    x = torch.randn(8, d, generator=g)
+    scaled = ((x - b_dec) @ W_enc + b_enc) * norms
+
+    def decode(acts):
+        return (acts / norms) @ W_dec + b_dec
+
+    for arch, extra, threshold in (("topk", {}, None), ("batchtopk", {"topk_threshold": torch.tensor(0.5)}, 0.5)):
+        path = tmp_path / arch
+        path.mkdir()
+        save_file({"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec, **extra}, str(path / "sae_weights.safetensors"))
+        (path / "cfg.json").write_text(json.dumps({"architecture": arch, "d_in": d, "d_sae": n, "k": k, "apply_b_dec_to_input": True,
+                                                   "normalize_activations": "none", "rescale_acts_by_decoder_norm": True}))
+        sae = saes.load(path)
+        if threshold is None:
+            v, i = scaled.topk(k, dim=-1)
+            acts = torch.zeros_like(scaled).scatter(-1, i, v.relu())
+        else:
+            acts = scaled.relu() * (scaled > threshold)
+        assert sae.threshold == threshold
+        torch.testing.assert_close(sae.encode(x), acts, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(sae(x), decode(acts), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(sae.W_dec.norm(dim=-1), torch.ones(n))
+
+
+def test_negative_jumprelu_threshold_keeps_the_relu(tmp_path):
+    """SAELens's JumpReLU is ``relu(pre) * (pre > threshold)``: with a threshold below 0, a pre-activation in (threshold, 0] is off."""
+    d, n = 5, 12
+    g = torch.Generator().manual_seed(6)
+    W_enc, b_enc, W_dec, b_dec = torch.randn(d, n, generator=g), torch.randn(n, generator=g), torch.randn(n, d, generator=g), torch.randn(d, generator=g)
+    save_file({"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec, "threshold": torch.full((n,), -0.4)}, str(tmp_path / "sae_weights.safetensors"))
+    (tmp_path / "cfg.json").write_text(json.dumps({"architecture": "jumprelu", "d_in": d, "d_sae": n, "normalize_activations": "none"}))
+    sae = saes.load(tmp_path)
+    x = torch.randn(16, d, generator=g)
+    pre = (x - b_dec) @ W_enc + b_enc
+    assert ((pre > -0.4) & (pre <= 0)).any(), "the data must reach the band the ReLU removes"
+    want = pre.relu() * (pre > -0.4)
+    torch.testing.assert_close(sae.encode(x), want)
+    values, indices = sae.encode_sparse(x)
+    torch.testing.assert_close(torch.zeros_like(pre).scatter(-1, indices, values), want)
+    assert (values >= 0).all()
+
+
 def test_sparsify_directory_written_by_sparsify(tmp_path):
     sparsify = pytest.importorskip("sparsify")
     coder = sparsify.SparseCoder(8, sparsify.SparseCoderConfig(num_latents=24, k=4))

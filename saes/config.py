@@ -24,6 +24,8 @@ DIST_MODES = ("none", "ddp", "shard")
 B_DEC_INITS = ("geometric_median", "mean")
 
 # Fields that change how a run is watched or saved, not what it computes: a resumed run may change them.
+DEFAULT_DEAD_TOKENS = 10_000_000
+"""Gao et al.'s (and sparsify's) dead-latent window; runs shorter than 100M tokens use a tenth of their length."""
 _NOT_HASHED = ("checkpoint_every", "log_every", "keep_checkpoints", "device", "progress")
 
 
@@ -69,8 +71,9 @@ class TrainConfig:
     """Latents used by AuxK; None means d_in // 2."""
     aux_coef: float = 1 / 32
     """Weight of the AuxK loss."""
-    dead_tokens_threshold: int = 10_000_000
-    """A latent that has not fired for this many tokens counts as dead."""
+    dead_tokens_threshold: int | None = None
+    """A latent that has not fired for this many tokens counts as dead (AuxK trains it; ``dead_fraction``
+    counts it). None: :meth:`dead_tokens`'s rule, a tenth of the run capped at Gao et al.'s 10M."""
     threshold_momentum: float = 0.01
     """BatchTopK: weight of the newest batch in the running inference threshold."""
     b_dec_init: str = "geometric_median"
@@ -114,6 +117,14 @@ class TrainConfig:
         """Optimizer steps in the run: ``n_tokens // batch_size``."""
         return self.n_tokens // self.batch_size
 
+    def dead_tokens(self) -> int:
+        """The dead-latent window in tokens: ``dead_tokens_threshold``, else ``min(10M, n_tokens // 10)``
+        and at least one batch. A fixed 10M (Gao et al., sparsify) never fires in a run shorter than
+        that, which would leave AuxK and ``dead_fraction`` idle in every run of under 10M tokens."""
+        if self.dead_tokens_threshold is not None:
+            return self.dead_tokens_threshold
+        return max(self.batch_size, min(DEFAULT_DEAD_TOKENS, self.n_tokens // 10))
+
     def lr_for(self, n_latents: int) -> float:
         """Peak learning rate for SAEs with ``n_latents`` latents."""
         return self.lr if self.lr is not None else default_lr(n_latents)
@@ -150,7 +161,7 @@ class TrainConfig:
         positive = ("n_tokens", "batch_size", "log_every", "init_sample_rows", "dead_tokens_threshold",
                     "buffer_rows", "ctx", "model_batch_size", "keep_checkpoints")
         for name in positive:
-            if getattr(self, name) <= 0:
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise UserError(f"{name} must be positive, got {getattr(self, name)}")
         if self.checkpoint_every < 0:
             raise UserError(f"checkpoint_every must be 0 (off) or positive, got {self.checkpoint_every}")
@@ -201,6 +212,7 @@ class TrainConfig:
             del data["enc_init_scale"]
         if not data.get("cpu_bf16_encoder"):  # likewise for runs from before this option
             data.pop("cpu_bf16_encoder", None)
+        data["dead_tokens_threshold"] = self.dead_tokens()  # the window used, however it was given
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
     @classmethod

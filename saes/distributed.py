@@ -32,7 +32,7 @@ from interp.errors import UserError
 __all__ = [
     "DistContext", "setup", "all_reduce_grads", "total_variance_over_ranks", "kth_largest_over_ranks", "min_over_ranks",
     "sync_step_state", "mean_over_ranks", "sum_over_ranks", "gather_objects", "all_gather_objects", "any_over_ranks",
-    "errors_together",
+    "errors_together", "device_for",
 ]
 
 
@@ -93,6 +93,15 @@ def _pick_device(device: str | None, local_rank: int, world: int = 1) -> torch.d
         raise UserError(f"local rank {local_rank} has no GPU of its own: this node has {count}; launch at most {count} processes per node "
                         f"(--nproc_per_node {count}) or pass --device cpu")
     return torch.device("cuda", local_rank)
+
+
+def device_for(mode: str, device: str | None = None) -> torch.device:
+    """The device :func:`setup` gives this process for ``mode`` (under torchrun: its ``LOCAL_RANK``'s GPU),
+    for what must be placed before the run starts, such as a model harvested on the fly."""
+    if mode == "none":
+        return _pick_device(device, 0)
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    return _pick_device(device, int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0"))), world)
 
 
 def setup(mode: str, device: str | None = None) -> DistContext:

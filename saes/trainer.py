@@ -29,7 +29,7 @@ from interp.errors import UserError
 from interp.faults import fault
 from interp.files import atomic_write_text
 from saes import checkpoint as ckpt
-from saes.config import TrainConfig, sae_name
+from saes.config import DEFAULT_DEAD_TOKENS, TrainConfig, sae_name
 from saes.distributed import (
     DistContext, all_gather_objects, all_reduce_grads, any_over_ranks, errors_together, gather_objects, mean_over_ranks, setup, sum_over_ranks,
     sync_step_state, total_variance_over_ranks,
@@ -197,15 +197,18 @@ class _Run:
         self.ctx.barrier()
 
     def _explain_old_init(self) -> None:
-        """A clearer error when the checkpoints differ only by the encoder init scale whose default changed."""
-        if self.cfg.enc_init_scale == 1.0:
-            return
-        try:
-            ckpt.latest(self.out, dataclasses.replace(self.cfg, enc_init_scale=1.0).fingerprint())
-        except UserError:
-            return
-        raise UserError(f"the checkpoints in {self.out} were written with enc_init_scale 1 (the default before it became 1/sqrt(3)); "
-                        "pass --enc-init-scale 1 to resume them, or --no-resume to start over")
+        """A clearer error when the checkpoints differ only by a default that changed since they were written."""
+        changed = [("enc_init_scale", 1.0, "--enc-init-scale 1", "enc_init_scale 1 (the default before it became 1/sqrt(3))"),
+                   ("dead_tokens_threshold", DEFAULT_DEAD_TOKENS, f"--dead-tokens {DEFAULT_DEAD_TOKENS}",
+                    f"a dead-latent window of {DEFAULT_DEAD_TOKENS:,} tokens (the default before it became a tenth of the run)")]
+        for name, old, flag, what in changed:
+            if getattr(self.cfg, name) == old:
+                continue
+            try:
+                ckpt.latest(self.out, dataclasses.replace(self.cfg, **{name: old}).fingerprint())
+            except UserError:
+                continue
+            raise UserError(f"the checkpoints in {self.out} were written with {what}; pass {flag} to resume them, or --no-resume to start over")
 
     def _resume(self) -> tuple[int, int]:
         """Load the newest valid checkpoint; return ``(steps done, data batch index)``."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -417,3 +418,85 @@ def test_a_diverged_run_writes_no_checkpoint_over_the_good_ones(store, tmp_path)
         tensors = load_file(str(path))
         params = {name: t for name, t in tensors.items() if ".param." in name}
         assert params and all(torch.isfinite(t).all() for t in params.values()), (path, [n for n, t in params.items() if not torch.isfinite(t).all()])
+
+
+def test_default_dead_window_is_a_tenth_of_the_run_capped_at_10m(store, tmp_path):
+    """A fixed 10M-token window never fires in a shorter run: AuxK and dead_fraction must work in a default run."""
+    def window(n_tokens: int, batch: int = 4096, given: int | None = None) -> int:
+        return TrainConfig(hooks=["h"], n_tokens=n_tokens, batch_size=batch, dead_tokens_threshold=given).dead_tokens()
+
+    assert window(400_000) == 40_000 and window(2_000_000) == 200_000 and window(10**9) == 10_000_000
+    assert window(5_000) == 4096 and window(400_000, given=256) == 256  # at least one batch; an explicit window wins
+    # runs long enough for the old fixed default keep their fingerprints (their checkpoints still resume)
+    long = dict(hooks=["h"], n_tokens=10**9)
+    assert TrainConfig(**long).fingerprint() == TrainConfig(**long, dead_tokens_threshold=10_000_000).fingerprint()
+    assert TrainConfig(hooks=["h"]).fingerprint() != TrainConfig(hooks=["h"], dead_tokens_threshold=10_000_000).fingerprint()
+    # a default run of 40 steps (window 4 steps): latents that stop firing are counted dead and AuxK trains them
+    train(store, _cfg(dead_tokens_threshold=None, n_tokens=40 * 64, checkpoint_every=0, log_every=1, settings=[(128, 2)]), tmp_path / "run")
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert any(r["dead_fraction"] > 0 for r in rows) and any(r["auxk_loss"] > 0 for r in rows)
+    assert TrainConfig.from_toml(tmp_path / "run" / "config.toml").dead_tokens() == 256
+
+
+def test_checkpoints_from_the_old_fixed_dead_window_say_how_to_resume(store, tmp_path):
+    with pytest.raises(_Stop):
+        train(store, _cfg(dead_tokens_threshold=10_000_000), tmp_path, on_step=_stop_at(4))
+    with pytest.raises(UserError, match="dead-latent window of 10,000,000 tokens .*pass --dead-tokens 10000000 to resume"):
+        train(store, _cfg(dead_tokens_threshold=None), tmp_path)
+    assert len(train(store, _cfg(dead_tokens_threshold=10_000_000), tmp_path)) == 1  # as told: it resumes
+
+
+@pytest.mark.parametrize("extra, env, want", [
+    (["--device", "cpu"], {}, "cpu"),
+    (["--device", "cuda", "--dist", "ddp"], {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2"}, "cuda:1"),
+    (["--dist", "shard"], {"RANK": "3", "LOCAL_RANK": "0", "WORLD_SIZE": "4"}, "cuda:0"),
+])
+def test_cli_live_model_loads_on_this_ranks_device(tmp_path, monkeypatch, extra, env, want):
+    """Under torchrun each rank's model harvests on its own GPU (it used to load on the default, cuda:0, on every rank)."""
+    import interp.models
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    seen = []
+
+    def fake_load(name, device=None, dtype=None, trust_remote_code=False):
+        seen.append(torch.device(device))
+        raise UserError("stop here")
+
+    monkeypatch.setattr(interp.models, "load_model", fake_load)
+    result = _cli("--model", "some-model", "--hook", HOOKS[0], "--latents", "32", "--k", "4", *extra, "--out", str(tmp_path / "run"))
+    assert result.exit_code == 2 and "stop here" in result.stderr, result.output
+    assert seen == [torch.device(want)]
+
+
+def test_cli_config_file_with_flags_on_top(store, tmp_path):
+    """``--config`` starts from a [train] table (a run's own config.toml re-runs it); flags typed on the command line win."""
+    base = _cfg(hooks=HOOKS, settings=[(32, 4), (48, 6)], n_tokens=4 * 64, k_aux=5, aux_coef=0.25, threshold_momentum=0.05,
+                batch_topk=True, log_every=1)
+    (tmp_path / "train.toml").write_text(base.to_toml())
+    result = _cli("--config", str(tmp_path / "train.toml"), "--acts", str(store.path), "--seed", "3", "--latents", "40", "--k", "5",
+                  "--out", str(tmp_path / "run"))
+    assert result.exit_code == 0, result.output
+    got = TrainConfig.from_toml(tmp_path / "run" / "config.toml")
+    assert got == dataclasses.replace(base, seed=3, settings=[(40, 5)])
+    assert sorted(p.parent.name for p in (tmp_path / "run").glob("*/cfg.json")) == sorted(sae_name(h, 40, 5) for h in HOOKS)
+    # the run's own config.toml re-runs it (same weights)
+    again = _cli("--config", str(tmp_path / "run" / "config.toml"), "--acts", str(store.path), "--out", str(tmp_path / "again"))
+    assert again.exit_code == 0, again.output
+    import saes as saes_pkg
+
+    for h in HOOKS:
+        name = sae_name(h, 40, 5)
+        _assert_same(_weights({name: saes_pkg.load(tmp_path / "run" / name)}), _weights({name: saes_pkg.load(tmp_path / "again" / name)}))
+    # the AuxK/init flags reach the config without a file too
+    flags = _cli("--acts", str(store.path), "--hook", HOOKS[0], "--latents", "32", "--k", "4", "--tokens", "128", "--batch-size", "64",
+                 "--k-aux", "7", "--aux-coef", "0.5", "--b-dec-init", "mean", "--threshold-momentum", "0.2", "--no-progress",
+                 "--checkpoint-every", "0", "--out", str(tmp_path / "flags"))
+    assert flags.exit_code == 0, flags.output
+    got = TrainConfig.from_toml(tmp_path / "flags" / "config.toml")
+    assert (got.k_aux, got.aux_coef, got.b_dec_init, got.threshold_momentum) == (7, 0.5, "mean", 0.2)
+    (tmp_path / "bad.toml").write_text("[train]\nlatents = 3\n")
+    bad = _cli("--config", str(tmp_path / "bad.toml"), "--acts", str(store.path), "--out", str(tmp_path / "bad"))
+    assert bad.exit_code == 2 and bad.stderr.count("\n") == 1 and "unknown key train.latents" in bad.stderr, bad.output

@@ -76,6 +76,10 @@ class TrainConfig:
     counts it). None: :meth:`dead_tokens`'s rule, a tenth of the run capped at Gao et al.'s 10M."""
     threshold_momentum: float = 0.01
     """BatchTopK: weight of the newest batch in the running inference threshold."""
+    batch_topk_cap: int | None = None
+    """BatchTopK: most latents one token may take in the batch's top ``k * B`` (candidates per token).
+    None means ``4 * k`` (fast; equal to the exact rule whenever no token would take more); ``n_latents``
+    or more is the exact rule."""
     b_dec_init: str = "geometric_median"
     """Decoder bias init from a sample: 'geometric_median' or 'mean'."""
     enc_init_scale: float = DEFAULT_ENC_INIT_SCALE
@@ -176,6 +180,9 @@ class TrainConfig:
             raise UserError("warmup_frac + decay_frac must not exceed 1")
         if not all(0 <= b < 1 for b in self.adam_betas) or self.adam_eps <= 0:
             raise UserError(f"adam_betas must be in [0, 1) and adam_eps positive, got {self.adam_betas}, {self.adam_eps}")
+        if self.batch_topk_cap is not None and self.batch_topk_cap < max(k for _, k in self.settings):
+            raise UserError(f"batch_topk_cap={self.batch_topk_cap} must be at least every setting's k (settings {self.settings}); "
+                            "leave it unset for 4 k, or pass n_latents for the exact rule")
         if self.aux_coef < 0 or (self.k_aux is not None and self.k_aux <= 0):
             raise UserError("aux_coef must be >= 0 and k_aux positive")
         if not (math.isfinite(self.enc_init_scale) and self.enc_init_scale > 0):
@@ -212,7 +219,9 @@ class TrainConfig:
             del data["enc_init_scale"]
         if not data.get("cpu_bf16_encoder"):  # likewise for runs from before this option
             data.pop("cpu_bf16_encoder", None)
-        data["dead_tokens_threshold"] = self.dead_tokens()  # the window used, however it was given
+        data["dead_tokens_threshold"] = self.dead_tokens()
+        if data.get("batch_topk_cap") is None:  # the only behaviour before this option
+            data.pop("batch_topk_cap", None)  # the window used, however it was given
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
     @classmethod

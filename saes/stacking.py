@@ -36,7 +36,7 @@ def make_step_config(cfg: Any, k: int) -> StepConfig:
     """The :class:`StepConfig` for SAEs with TopK ``k`` under training config ``cfg``."""
     wanted = {"k": k, "batch_topk": cfg.batch_topk, "auxk": cfg.auxk, "k_aux": cfg.k_aux, "aux_coef": cfg.aux_coef,
               "dead_tokens_threshold": cfg.dead_tokens(), "threshold_momentum": cfg.threshold_momentum,
-              "cpu_bf16_encoder": cfg.cpu_bf16_encoder}
+              "cpu_bf16_encoder": cfg.cpu_bf16_encoder, "max_k_per_token": cfg.batch_topk_cap}
     names = {f.name for f in dataclasses.fields(StepConfig)}
     return StepConfig(**{key: value for key, value in wanted.items() if key in names})
 

@@ -447,3 +447,32 @@ def test_gradient_pool_gives_the_same_training_and_never_overwrites_a_held_gradi
     (w_pool, g_pool), (w_fresh, g_fresh) = runs
     assert all(torch.equal(a, b) for a, b in zip(w_pool, w_fresh))
     assert all(torch.equal(a, b) for a, b in zip(g_pool, g_fresh))
+
+
+def test_batch_topk_cap_of_n_latents_is_the_exact_rule_where_the_default_cap_binds():
+    """One token far larger than the rest takes more than 4 k of the batch's top k B: the default cap
+    trims it, ``batch_topk_cap = n`` (TrainConfig) keeps the exact rule of the dense reference."""
+    from saes.config import TrainConfig
+    from saes.stacking import make_step_config
+
+    S, B, d, n, k = 1, 16, 8, 40, 2
+    params = _stack(S, d, n, seed=9)
+    x = torch.randn(S, B, d, dtype=torch.float64, generator=torch.Generator().manual_seed(10))
+    x[:, 0] *= 40.0
+    base = dict(hooks=["h"], settings=[(n, k)], batch_topk=True, auxk=False)
+    exact = make_step_config(TrainConfig(**base, batch_topk_cap=n), k)
+    capped = make_step_config(TrainConfig(**base), k)
+    assert (exact.max_k_per_token, capped.max_k_per_token) == (n, None)
+    ref = [p.detach().clone().requires_grad_() for p in params.parameters()]
+    ref_loss, _, _, f = _dense_loss(ref, x, exact, torch.zeros(S, n, dtype=torch.bool))
+    assert int((f[0, 0] > 0).sum()) > 4 * k  # the premise: the exact rule gives token 0 more than the default cap
+    want = [ref_loss, *torch.autograd.grad(ref_loss, ref)]
+    loss, metrics, _ = sae_step_loss(params, init_state(S, n), x, exact)
+    got = [loss, *torch.autograd.grad(loss, list(params.parameters()))]
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9)
+    assert float(metrics["l0"][0]) == pytest.approx(float((f > 0).sum()) / B)
+    loss_capped, _, _ = sae_step_loss(params, init_state(S, n), x, capped)
+    assert not torch.allclose(loss_capped, ref_loss)
+    with pytest.raises(UserError, match="batch_topk_cap=1 must be at least every setting's k"):
+        TrainConfig(**base, batch_topk_cap=1).validate()

@@ -82,7 +82,8 @@ def test_config_validation_and_schedule():
     # enc_init_scale = 1.0 (the only value before the option existed) leaves fingerprints as they were then
     old = _cfg(n_tokens=100 * 64, warmup_frac=0.1, decay_frac=0.2, enc_init_scale=1.0)
     plain = {key: value for key, value in old.to_dict().items() if key not in ("checkpoint_every", "log_every", "keep_checkpoints", "device",
-                                                                                "progress", "enc_init_scale", "cpu_bf16_encoder")}
+                                                                                "progress", "enc_init_scale", "cpu_bf16_encoder",
+                                                                                "batch_topk_cap")}
     assert old.fingerprint() == hashlib.sha256(json.dumps(plain, sort_keys=True).encode()).hexdigest()[:16]
     assert cfg.enc_init_scale == pytest.approx(0.57735) and len({cfg.fingerprint(), old.fingerprint(),
                                                                  _cfg(n_tokens=100 * 64, warmup_frac=0.1, decay_frac=0.2, enc_init_scale=0.58).fingerprint()}) == 3

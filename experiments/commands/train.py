@@ -32,6 +32,7 @@ def train_sae(
     checkpoint_every: int = typer.Option(1000, "--checkpoint-every", help="Steps between checkpoints (0: none)."),
     resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue from the newest checkpoint in --out."),
     batch_topk: bool = typer.Option(False, "--batch-topk/--topk", help="Train BatchTopK SAEs (global inference threshold)."),
+    batch_topk_cap: int | None = typer.Option(None, "--batch-topk-cap", help="BatchTopK: most latents one token may take (default 4k; n_latents: the exact rule)."),
     auxk: bool = typer.Option(True, "--auxk/--no-auxk", help="AuxK loss on dead latents."),
     k_aux: int | None = typer.Option(None, "--k-aux", help="Dead latents AuxK uses per token (default d_in / 2)."),
     aux_coef: float = typer.Option(1 / 32, "--aux-coef", help="Weight of the AuxK loss."),
@@ -56,7 +57,7 @@ def train_sae(
         raise UserError("pass exactly one data source: --acts DIR (stored activations) or --model NAME (live)")
     # every TrainConfig field the CLI sets, with the CLI parameters it comes from
     values = {"hooks": hook, "settings": list(zip(latents, k)), "n_tokens": tokens, "batch_size": batch_size, "lr": lr, "dist": dist,
-              "checkpoint_every": checkpoint_every, "batch_topk": batch_topk, "auxk": auxk, "k_aux": k_aux, "aux_coef": aux_coef,
+              "checkpoint_every": checkpoint_every, "batch_topk": batch_topk, "batch_topk_cap": batch_topk_cap, "auxk": auxk, "k_aux": k_aux, "aux_coef": aux_coef,
               "b_dec_init": b_dec_init, "threshold_momentum": threshold_momentum, "dead_tokens_threshold": dead_tokens, "seed": seed,
               "enc_init_scale": enc_init_scale, "cpu_bf16_encoder": cpu_bf16_encoder, "device": device, "log_every": log_every,
               "corpus": corpus, "progress": progress}

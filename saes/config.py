@@ -23,9 +23,9 @@ __all__ = ["TrainConfig", "default_lr", "sae_name"]
 DIST_MODES = ("none", "ddp", "shard")
 B_DEC_INITS = ("geometric_median", "mean")
 
-# Fields that change how a run is watched or saved, not what it computes: a resumed run may change them.
 DEFAULT_DEAD_TOKENS = 10_000_000
 """Gao et al.'s (and sparsify's) dead-latent window; runs shorter than 100M tokens use a tenth of their length."""
+# Fields that change how a run is watched or saved, not what it computes: a resumed run may change them.
 _NOT_HASHED = ("checkpoint_every", "log_every", "keep_checkpoints", "device", "progress")
 
 
@@ -219,9 +219,9 @@ class TrainConfig:
             del data["enc_init_scale"]
         if not data.get("cpu_bf16_encoder"):  # likewise for runs from before this option
             data.pop("cpu_bf16_encoder", None)
-        data["dead_tokens_threshold"] = self.dead_tokens()
-        if data.get("batch_topk_cap") is None:  # the only behaviour before this option
-            data.pop("batch_topk_cap", None)  # the window used, however it was given
+        data["dead_tokens_threshold"] = self.dead_tokens()  # the window used, however it was given
+        if data.get("batch_topk_cap") is None or not self.batch_topk:  # the only behaviour before this option; unused by TopK
+            data.pop("batch_topk_cap", None)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
     @classmethod

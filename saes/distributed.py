@@ -69,9 +69,11 @@ class DistContext:
             dist.barrier()
 
     def close(self) -> None:
-        """Tear down the process group if this module created it."""
+        """Tear down the process group if this module created it (else only the host group it added)."""
         if self.owns_group and dist.is_initialized():
             dist.destroy_process_group()
+        elif self.host_group is not None and dist.is_initialized():
+            dist.destroy_process_group(self.host_group)
 
 
 def _pick_device(device: str | None, local_rank: int, world: int = 1) -> torch.device:
@@ -89,15 +91,26 @@ def _pick_device(device: str | None, local_rank: int, world: int = 1) -> torch.d
     if world > 1 and dev.index is not None:
         raise UserError(f"--device {device} would put all {world} ranks on one GPU; pass --device cuda and each rank takes the GPU of its LOCAL_RANK")
     count = torch.cuda.device_count()
+    if count == 1 and os.environ.get("CUDA_VISIBLE_DEVICES"):  # the launcher gave this process one GPU of its own (e.g. SLURM)
+        return torch.device("cuda", 0)
     if local_rank >= count:
         raise UserError(f"local rank {local_rank} has no GPU of its own: this node has {count}; launch at most {count} processes per node "
                         f"(--nproc_per_node {count}) or pass --device cpu")
     return torch.device("cuda", local_rank)
 
 
+def _check_launch(mode: str) -> None:
+    """``--dist none`` in one of several torchrun processes would train N copies into one output."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if mode == "none" and world > 1:
+        raise UserError(f"this process is one of {world} torchrun ranks, but --dist none would train {world} copies into the same "
+                        "--out; pass --dist ddp or --dist shard, or run without torchrun")
+
+
 def device_for(mode: str, device: str | None = None) -> torch.device:
     """The device :func:`setup` gives this process for ``mode`` (under torchrun: its ``LOCAL_RANK``'s GPU),
     for what must be placed before the run starts, such as a model harvested on the fly."""
+    _check_launch(mode)
     if mode == "none":
         return _pick_device(device, 0)
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
@@ -106,11 +119,8 @@ def device_for(mode: str, device: str | None = None) -> torch.device:
 
 def setup(mode: str, device: str | None = None) -> DistContext:
     """Join the torchrun process group for ``mode`` (or stay single-process for 'none')."""
-    world_env = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    _check_launch(mode)
     if mode == "none":
-        if world_env > 1:
-            raise UserError(f"this process is one of {world_env} torchrun ranks, but --dist none would train {world_env} copies into the same "
-                            "--out; pass --dist ddp or --dist shard, or run without torchrun")
         return DistContext("none", 0, 1, _pick_device(device, 0))
     if "WORLD_SIZE" not in os.environ or "RANK" not in os.environ:
         raise UserError(f"--dist {mode} needs a torchrun launch, e.g. torchrun --standalone --nproc_per_node 2 -m experiments.cli train-sae ...")

@@ -201,14 +201,16 @@ class _Run:
         changed = [("enc_init_scale", 1.0, "--enc-init-scale 1", "enc_init_scale 1 (the default before it became 1/sqrt(3))"),
                    ("dead_tokens_threshold", DEFAULT_DEAD_TOKENS, f"--dead-tokens {DEFAULT_DEAD_TOKENS}",
                     f"a dead-latent window of {DEFAULT_DEAD_TOKENS:,} tokens (the default before it became a tenth of the run)")]
-        for name, old, flag, what in changed:
-            if getattr(self.cfg, name) == old:
+        tried = [[c] for c in changed] + [changed]  # each old default alone, then both together
+        for combo in tried:
+            if any(getattr(self.cfg, name) == old for name, old, _, _ in combo):
                 continue
             try:
-                ckpt.latest(self.out, dataclasses.replace(self.cfg, **{name: old}).fingerprint())
+                ckpt.latest(self.out, dataclasses.replace(self.cfg, **{name: old for name, old, _, _ in combo}).fingerprint())
             except UserError:
                 continue
-            raise UserError(f"the checkpoints in {self.out} were written with {what}; pass {flag} to resume them, or --no-resume to start over")
+            raise UserError(f"the checkpoints in {self.out} were written with {' and '.join(what for *_, what in combo)}; "
+                            f"pass {' '.join(flag for _, _, flag, _ in combo)} to resume them, or --no-resume to start over")
 
     def _resume(self) -> tuple[int, int]:
         """Load the newest valid checkpoint; return ``(steps done, data batch index)``."""

@@ -334,6 +334,14 @@ def test_dist_none_under_torchrun_is_one_error(small_store, tmp_path, monkeypatc
     assert_one_line_error(CliRunner().invoke(app, [str(a) for a in _small_args(small_store, tmp_path / "run", "none", [HOOKS[0]])]),
                           "pass --dist ddp or --dist shard")
     assert not (tmp_path / "run").exists()
+    import interp.models
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the launch was refused")
+
+    monkeypatch.setattr(interp.models, "load_model", no_model)
+    live = ["train-sae", "--model", "some-model", "--hook", HOOKS[0], "--dist", "none", "--out", str(tmp_path / "live")]
+    assert_one_line_error(CliRunner().invoke(app, live), "pass --dist ddp or --dist shard")
 
 
 def test_each_torchrun_rank_takes_the_gpu_of_its_local_rank(monkeypatch):
@@ -351,3 +359,6 @@ def test_each_torchrun_rank_takes_the_gpu_of_its_local_rank(monkeypatch):
         _pick_device("cuda:0", 1, 2)
     with pytest.raises(UserError, match="this node has 2; launch at most 2 processes per node"):
         _pick_device("cuda", 2, 3)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5")  # a launcher that gives each process its own single GPU (SLURM)
+    assert _pick_device("cuda", 3, 4) == torch.device("cuda", 0)

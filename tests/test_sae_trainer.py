@@ -445,6 +445,11 @@ def test_checkpoints_from_the_old_fixed_dead_window_say_how_to_resume(store, tmp
     with pytest.raises(UserError, match="dead-latent window of 10,000,000 tokens .*pass --dead-tokens 10000000 to resume"):
         train(store, _cfg(dead_tokens_threshold=None), tmp_path)
     assert len(train(store, _cfg(dead_tokens_threshold=10_000_000), tmp_path)) == 1  # as told: it resumes
+    both = tmp_path / "both"  # written before both defaults changed: one hint names both flags
+    with pytest.raises(_Stop):
+        train(store, _cfg(dead_tokens_threshold=10_000_000, enc_init_scale=1.0), both, on_step=_stop_at(4))
+    with pytest.raises(UserError, match="pass --enc-init-scale 1 --dead-tokens 10000000 to resume"):
+        train(store, _cfg(dead_tokens_threshold=None), both)
 
 
 @pytest.mark.parametrize("extra, env, want", [
@@ -491,6 +496,14 @@ def test_cli_config_file_with_flags_on_top(store, tmp_path):
     for h in HOOKS:
         name = sae_name(h, 40, 5)
         _assert_same(_weights({name: saes_pkg.load(tmp_path / "run" / name)}), _weights({name: saes_pkg.load(tmp_path / "again" / name)}))
+    # one half of the pairs typed: the other half is the file's, setting by setting
+    for typed, want in ((["--latents", "64", "--latents", "96"], [(64, 4), (96, 6)]), (["--k", "3", "--k", "5"], [(32, 3), (48, 5)])):
+        out = tmp_path / f"half-{typed[0]}"
+        half = _cli("--config", str(tmp_path / "train.toml"), "--acts", str(store.path), *typed, "--tokens", "64", "--out", str(out))
+        assert half.exit_code == 0, half.output
+        assert TrainConfig.from_toml(out / "config.toml").settings == want
+    one = _cli("--config", str(tmp_path / "train.toml"), "--acts", str(store.path), "--k", "3", "--out", str(tmp_path / "one"))
+    assert one.exit_code == 2 and "has 2 settings but 1 --k were given; pass both --latents and --k" in one.stderr, one.output
     # the AuxK/init flags reach the config without a file too
     flags = _cli("--acts", str(store.path), "--hook", HOOKS[0], "--latents", "32", "--k", "4", "--tokens", "128", "--batch-size", "64",
                  "--k-aux", "7", "--aux-coef", "0.5", "--b-dec-init", "mean", "--threshold-momentum", "0.2", "--no-progress",

@@ -51,6 +51,18 @@ def train_sae(
     from saes.config import TrainConfig
     from saes.trainer import train
 
+    def typed_in(param: str) -> bool:  # typer may vendor click: compare the source by name
+        source = ctx.get_parameter_source(param)
+        return source is not None and source.name == "COMMANDLINE"
+
+    base = TrainConfig.from_toml(config) if config is not None else None
+    if base is not None and typed_in("latents") != typed_in("k"):
+        # one half of the pairs typed: the other half comes from the file, setting by setting
+        if len(latents if typed_in("latents") else k) != len(base.settings):
+            raise UserError(f"{config} has {len(base.settings)} settings but {len(latents if typed_in('latents') else k)} "
+                            f"{'--latents' if typed_in('latents') else '--k'} were given; pass both --latents and --k")
+        latents = latents if typed_in("latents") else [n for n, _ in base.settings]
+        k = k if typed_in("k") else [kk for _, kk in base.settings]
     if len(latents) != len(k):
         raise UserError(f"got {len(latents)} --latents but {len(k)} --k; give one --k for each --latents, in the same order")
     if (acts is None) == (model is None):
@@ -62,16 +74,10 @@ def train_sae(
               "enc_init_scale": enc_init_scale, "cpu_bf16_encoder": cpu_bf16_encoder, "device": device, "log_every": log_every,
               "corpus": corpus, "progress": progress}
     params = {"hooks": ("hook",), "settings": ("latents", "k"), "n_tokens": ("tokens",), "dead_tokens_threshold": ("dead_tokens",)}
-    if config is None:
+    if base is None:
         cfg = TrainConfig(**values)
     else:
-        def typed_in(param: str) -> bool:  # typer may vendor click: compare the source by name
-            source = ctx.get_parameter_source(param)
-            return source is not None and source.name == "COMMANDLINE"
-
-        base = TrainConfig.from_toml(config)
-        typed = {name: value for name, value in values.items()
-                 if any(typed_in(p) for p in params.get(name, (name,)))}
+        typed = {name: value for name, value in values.items() if any(typed_in(p) for p in params.get(name, (name,)))}
         cfg = dataclasses.replace(base, **typed)
     cfg.validate()
     if acts is not None:

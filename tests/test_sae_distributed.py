@@ -362,3 +362,33 @@ def test_each_torchrun_rank_takes_the_gpu_of_its_local_rank(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5")  # a launcher that gives each process its own single GPU (SLURM)
     assert _pick_device("cuda", 3, 4) == torch.device("cuda", 0)
+
+
+@pytest.mark.slow
+def test_ddp_live_model_run_matches_one_process(tmp_path):
+    """``--model DIR`` under ddp: each rank harvests its own slice of every global batch on the fly; the SAE matches one process."""
+    from test_models import _save_tiny_llama
+
+    model_dir = tmp_path / "tiny-llama"
+    _save_tiny_llama(model_dir)
+    text = tmp_path / "corpus.txt"
+    text.write_text("\n\n".join(f"Paragraph {i}: the river runs past the mill, and the miller counts {i} sacks of grain." for i in range(60)))
+    hook = "blocks.1.hook_resid_post"
+
+    def args(dist: str, out: Path) -> list:
+        return ["train-sae", "--model", model_dir, "--corpus", text, "--hook", hook, "--latents", "16", "--k", "2", "--tokens", str(4 * 32),
+                "--batch-size", "32", "--checkpoint-every", "0", "--log-every", "1", "--dead-tokens", "32", "--no-progress", "--device", "cpu",
+                "--dist", dist, "--out", out]
+
+    from experiments.cli import app
+
+    single = CliRunner().invoke(app, [str(a) for a in args("none", tmp_path / "single")])
+    assert single.exit_code == 0, single.output
+    assert [code for code, _, _ in _spawn_cli(args("ddp", tmp_path / "ddp"))] == [0, 0]
+    name = sae_name(hook, 16, 2)
+    one, two = saes.load(tmp_path / "single" / name), saes.load(tmp_path / "ddp" / name)
+    for p in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        torch.testing.assert_close(getattr(two, p), getattr(one, p), atol=1e-5, rtol=0, msg=p)
+    rows = {r["step"]: r for r in read_metrics(tmp_path / "single" / "metrics.jsonl")}
+    for r in read_metrics(tmp_path / "ddp" / "metrics.jsonl"):
+        assert r["fvu"] == pytest.approx(rows[r["step"]]["fvu"], rel=1e-5), r["step"]

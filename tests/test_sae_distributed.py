@@ -367,12 +367,9 @@ def test_each_torchrun_rank_takes_the_gpu_of_its_local_rank(monkeypatch):
 @pytest.mark.slow
 def test_ddp_live_model_run_matches_one_process(tmp_path):
     """``--model DIR`` under ddp: each rank harvests its own slice of every global batch on the fly; the SAE matches one process."""
-    from test_models import _save_tiny_llama
+    from test_sae_trainer import tiny_live_source
 
-    model_dir = tmp_path / "tiny-llama"
-    _save_tiny_llama(model_dir)
-    text = tmp_path / "corpus.txt"
-    text.write_text("\n\n".join(f"Paragraph {i}: the river runs past the mill, and the miller counts {i} sacks of grain." for i in range(60)))
+    model_dir, text = tiny_live_source(tmp_path)
     hook = "blocks.1.hook_resid_post"
 
     def args(dist: str, out: Path) -> list:

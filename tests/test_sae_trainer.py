@@ -329,16 +329,22 @@ def test_cli_trains_and_rejects_bad_input(store, tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
-def test_cli_trains_live_from_a_local_model_directory(tmp_path):
-    """``train-sae --model DIR --corpus FILE``: the offline path a user with a local HF directory takes; equal to the library call."""
+def tiny_live_source(tmp_path) -> tuple:
+    """A local tiny Llama directory and a small corpus file: what a live ``--model DIR --corpus FILE`` run needs offline."""
     from test_models import _save_tiny_llama
-
-    from interp.models import load_model
 
     model_dir = tmp_path / "tiny-llama"
     _save_tiny_llama(model_dir)
     text = tmp_path / "corpus.txt"
     text.write_text("\n\n".join(f"Paragraph {i}: the river runs past the mill, and the miller counts {i} sacks of grain." for i in range(60)))
+    return model_dir, text
+
+
+def test_cli_trains_live_from_a_local_model_directory(tmp_path):
+    """``train-sae --model DIR --corpus FILE``: the offline path a user with a local HF directory takes; equal to the library call."""
+    from interp.models import load_model
+
+    model_dir, text = tiny_live_source(tmp_path)
     hook = "blocks.1.hook_resid_post"
     args = ["--model", str(model_dir), "--corpus", str(text), "--hook", hook, "--latents", "16", "--k", "2", "--tokens", "96",
             "--batch-size", "32", "--checkpoint-every", "0", "--log-every", "1", "--no-progress", "--device", "cpu"]

@@ -86,7 +86,7 @@ def _pick_device(device: str | None, local_rank: int, world: int = 1) -> torch.d
     from interp.models import resolve_device  # lazily: interp.models imports TransformerLens
 
     dev = resolve_device(device)
-    if dev.type != "cuda" or world == 1 and dev.index is not None:
+    if dev.type != "cuda" or (world == 1 and dev.index is not None):
         return dev
     if world > 1 and dev.index is not None:
         raise UserError(f"--device {device} would put all {world} ranks on one GPU; pass --device cuda and each rank takes the GPU of its LOCAL_RANK")
@@ -99,34 +99,29 @@ def _pick_device(device: str | None, local_rank: int, world: int = 1) -> torch.d
     return torch.device("cuda", local_rank)
 
 
-def _check_launch(mode: str) -> None:
-    """``--dist none`` in one of several torchrun processes would train N copies into one output."""
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    if mode == "none" and world > 1:
-        raise UserError(f"this process is one of {world} torchrun ranks, but --dist none would train {world} copies into the same "
-                        "--out; pass --dist ddp or --dist shard, or run without torchrun")
-
-
 def device_for(mode: str, device: str | None = None) -> torch.device:
     """The device :func:`setup` gives this process for ``mode`` (under torchrun: its ``LOCAL_RANK``'s GPU),
-    for what must be placed before the run starts, such as a model harvested on the fly."""
-    _check_launch(mode)
-    if mode == "none":
-        return _pick_device(device, 0)
+    for what must be placed before the run starts, such as a model harvested on the fly.
+
+    ``--dist none`` in one of several torchrun processes is refused: N copies would train into one output.
+    """
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if mode == "none":
+        if world > 1:
+            raise UserError(f"this process is one of {world} torchrun ranks, but --dist none would train {world} copies into the same "
+                            "--out; pass --dist ddp or --dist shard, or run without torchrun")
+        return _pick_device(device, 0)
     return _pick_device(device, int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0"))), world)
 
 
 def setup(mode: str, device: str | None = None) -> DistContext:
     """Join the torchrun process group for ``mode`` (or stay single-process for 'none')."""
-    _check_launch(mode)
+    dev = device_for(mode, device)
     if mode == "none":
-        return DistContext("none", 0, 1, _pick_device(device, 0))
+        return DistContext("none", 0, 1, dev)
     if "WORLD_SIZE" not in os.environ or "RANK" not in os.environ:
         raise UserError(f"--dist {mode} needs a torchrun launch, e.g. torchrun --standalone --nproc_per_node 2 -m experiments.cli train-sae ...")
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local_rank = int(os.environ.get("LOCAL_RANK", rank))
-    dev = _pick_device(device, local_rank, world)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     owns = world > 1 and not dist.is_initialized()

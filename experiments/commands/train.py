@@ -58,11 +58,11 @@ def train_sae(
     base = TrainConfig.from_toml(config) if config is not None else None
     if base is not None and typed_in("latents") != typed_in("k"):
         # one half of the pairs typed: the other half comes from the file, setting by setting
-        if len(latents if typed_in("latents") else k) != len(base.settings):
-            raise UserError(f"{config} has {len(base.settings)} settings but {len(latents if typed_in('latents') else k)} "
-                            f"{'--latents' if typed_in('latents') else '--k'} were given; pass both --latents and --k")
-        latents = latents if typed_in("latents") else [n for n, _ in base.settings]
-        k = k if typed_in("k") else [kk for _, kk in base.settings]
+        flag, given = ("--latents", latents) if typed_in("latents") else ("--k", k)
+        if len(given) != len(base.settings):
+            raise UserError(f"{config} has {len(base.settings)} settings but {len(given)} {flag} were given; pass both --latents and --k")
+        file_latents, file_k = ([setting[i] for setting in base.settings] for i in (0, 1))
+        latents, k = (latents, file_k) if flag == "--latents" else (file_latents, k)
     if len(latents) != len(k):
         raise UserError(f"got {len(latents)} --latents but {len(k)} --k; give one --k for each --latents, in the same order")
     if (acts is None) == (model is None):
